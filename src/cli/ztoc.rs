@@ -1,0 +1,274 @@
+//! `soci-store ztoc …`: build, inspect and read zTOCs.
+
+use std::io::{IsTerminal, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+
+use super::parse_size;
+use crate::ztoc::{self, format, verify, BuildOptions, Compression, LayerReader, Ztoc};
+
+#[derive(Subcommand, Debug)]
+pub enum ZtocCommand {
+    /// Build the zTOC of a layer blob (gzip or plain tar).
+    Build {
+        /// The layer blob.
+        layer: PathBuf,
+        /// Where to write the zTOC.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Uncompressed bytes per span (e.g. 4MiB).
+        #[arg(long, default_value = "4MiB", value_parser = parse_size)]
+        span_size: u64,
+        /// Refuse layers smaller than this (upstream does not index them).
+        #[arg(long, default_value = "10MiB", value_parser = parse_size)]
+        min_layer_size: u64,
+    },
+    /// Show a zTOC's sizes, spans and entry count.
+    Info {
+        ztoc: PathBuf,
+        /// Machine-readable output, with every span.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the entries of a zTOC.
+    Ls { ztoc: PathBuf },
+    /// Extract one file from a layer through its zTOC.
+    GetFile {
+        ztoc: PathBuf,
+        layer: PathBuf,
+        /// Path in the layer; `./a/b`, `a/b` and `/a/b` name the same file.
+        path: PathBuf,
+        /// Write here instead of standard output.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Check that every file read through the zTOC equals a plain sequential read of the layer.
+    Verify {
+        ztoc: PathBuf,
+        layer: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn load(path: &Path) -> Result<(Vec<u8>, Ztoc)> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let z = format::decode(&bytes).with_context(|| format!("loading {}", path.display()))?;
+    Ok((bytes, z))
+}
+
+impl ZtocCommand {
+    pub fn run(self) -> Result<()> {
+        match self {
+            ZtocCommand::Build {
+                layer,
+                output,
+                span_size,
+                min_layer_size,
+            } => build(&layer, &output, span_size, min_layer_size),
+            ZtocCommand::Info { ztoc, json } => info(&ztoc, json),
+            ZtocCommand::Ls { ztoc } => ls(&ztoc),
+            ZtocCommand::GetFile {
+                ztoc,
+                layer,
+                path,
+                output,
+            } => get_file(&ztoc, &layer, &path, output.as_deref()),
+            ZtocCommand::Verify { ztoc, layer, json } => verify(&ztoc, &layer, json),
+        }
+    }
+}
+
+fn build(layer: &Path, output: &Path, span_size: u64, min_layer_size: u64) -> Result<()> {
+    let file = std::fs::File::open(layer).with_context(|| format!("opening {}", layer.display()))?;
+    let size = file.metadata()?.len();
+    if size < min_layer_size {
+        bail!(ztoc::ZtocError::LayerTooSmall {
+            size,
+            min: min_layer_size
+        });
+    }
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(size);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .expect("static template")
+            .progress_chars("=> "),
+        );
+        bar.set_message("indexing");
+        bar
+    });
+    let opts = BuildOptions {
+        span_size,
+        min_layer_size,
+        ..Default::default()
+    };
+    let mut last = 0u64;
+    let z = ztoc::build(std::io::BufReader::new(file), &opts, &mut |n| {
+        if let Some(bar) = &bar {
+            // Redraw at most every MiB; the callback runs per deflate block.
+            if n - last >= 1 << 20 {
+                bar.set_position(n);
+                last = n;
+            }
+        }
+    })
+    .with_context(|| format!("indexing {}", layer.display()))?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let bytes = format::encode(&z);
+    write_atomic(output, &bytes)?;
+    println!(
+        "{} {} entries, {} spans, {} bytes",
+        Ztoc::digest_of(&bytes),
+        z.entries.len(),
+        z.span_count(),
+        bytes.len()
+    );
+    Ok(())
+}
+
+/// Writes through a temporary file and rename, so an interrupted run leaves no partial zTOC.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp-soci-store");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn info(path: &Path, json: bool) -> Result<()> {
+    let (bytes, z) = load(path)?;
+    let (algo, checkpoints) = match &z.compression {
+        Compression::Gzip { checkpoints } => ("gzip", checkpoints.len()),
+        Compression::Uncompressed { .. } => ("uncompressed", 0),
+    };
+    let files = z.entries.iter().filter(|e| e.kind == ztoc::EntryType::Reg).count();
+    if json {
+        let spans: Vec<_> = (0..z.span_count())
+            .map(|i| {
+                let s = z.span(i);
+                serde_json::json!({
+                    "span_id": i,
+                    "compressed": [s.compressed.start, s.compressed.end],
+                    "uncompressed": [s.uncompressed.start, s.uncompressed.end],
+                    "digest": format!("sha256:{}", hex::encode(s.digest)),
+                })
+            })
+            .collect();
+        let v = serde_json::json!({
+            "digest": Ztoc::digest_of(&bytes),
+            "size": bytes.len(),
+            "version": String::from_utf8_lossy(&z.version),
+            "build_tool": String::from_utf8_lossy(&z.build_tool),
+            "compression": algo,
+            "compressed_size": z.compressed_size,
+            "uncompressed_size": z.uncompressed_size,
+            "span_size": z.span_size,
+            "spans": spans,
+            "entries": z.entries.len(),
+            "regular_files": files,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("digest:            {}", Ztoc::digest_of(&bytes));
+    println!("size:              {} bytes", bytes.len());
+    println!("version:           {}", String::from_utf8_lossy(&z.version));
+    println!("build tool:        {}", String::from_utf8_lossy(&z.build_tool));
+    println!("compression:       {algo}");
+    println!("compressed size:   {}", z.compressed_size);
+    println!("uncompressed size: {}", z.uncompressed_size);
+    println!("span size:         {}", z.span_size);
+    println!("spans:             {}", z.span_count());
+    if algo == "gzip" {
+        println!("checkpoints:       {checkpoints}");
+    }
+    println!("entries:           {} ({files} regular files)", z.entries.len());
+    Ok(())
+}
+
+fn ls(path: &Path) -> Result<()> {
+    let (_, z) = load(path)?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for e in &z.entries {
+        write!(
+            out,
+            "{:<8} {:06o} {:>5}:{:<5} {:>12} {} ",
+            e.kind.as_str(),
+            e.mode,
+            e.uid,
+            e.gid,
+            e.size,
+            String::from_utf8_lossy(&e.mod_time)
+        )?;
+        // Names are raw bytes and need not be UTF-8.
+        out.write_all(&e.name)?;
+        if !e.linkname.is_empty() {
+            out.write_all(b" -> ")?;
+            out.write_all(&e.linkname)?;
+        }
+        out.write_all(b"\n")?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn get_file(ztoc_path: &Path, layer: &Path, name: &Path, output: Option<&Path>) -> Result<()> {
+    let (_, z) = load(ztoc_path)?;
+    let idx = z
+        .find(name.as_os_str().as_bytes())
+        .with_context(|| format!("{} is not in the layer", name.display()))?;
+    let source = std::fs::File::open(layer).with_context(|| format!("opening {}", layer.display()))?;
+    let reader = LayerReader::new(Arc::new(z), source)
+        .with_span_cache(1)
+        .verify_headers(true);
+    let mut sink: Box<dyn Write> = match output {
+        Some(p) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    loop {
+        let n = reader.read_entry(idx, off, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        sink.write_all(&buf[..n])?;
+        off += n as u64;
+    }
+    sink.flush()?;
+    Ok(())
+}
+
+fn verify(ztoc_path: &Path, layer: &Path, json: bool) -> Result<()> {
+    let (_, z) = load(ztoc_path)?;
+    let report = verify::verify_layer(Arc::new(z), layer)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for p in &report.problems {
+            println!("FAIL {p}");
+        }
+        println!(
+            "{}: {} spans, {} files, {} hardlinks checked, {} problems",
+            if report.ok() { "ok" } else { "FAILED" },
+            report.spans,
+            report.files,
+            report.hardlinks,
+            report.problems.len()
+        );
+    }
+    if !report.ok() {
+        bail!("the layer does not match its zTOC");
+    }
+    Ok(())
+}

@@ -1,0 +1,278 @@
+//! Builds a zTOC in one streaming pass over a layer blob.
+//!
+//! Gzip layers are inflated block by block (zlib's `Z_BLOCK`); a checkpoint is placed at a block
+//! boundary that is not after the final block when none exists yet or when more than `span_size`
+//! bytes were output since the last one (formats.md §1.2), so checkpoints land where upstream's do.
+//! The inflated stream feeds the tar scanner, and every compressed byte feeds the current span's
+//! sha256. Memory stays bounded: fixed buffers plus 32 KiB per checkpoint and the entry table.
+
+use std::io::{ErrorKind, Read};
+
+use sha2::{Digest, Sha256};
+
+use super::tar::TarScanner;
+use super::zlib::{Format, Inflater};
+use super::{
+    Checkpoint, Compression, Ztoc, ZtocError, BUILD_TOOL, DEFAULT_MIN_LAYER_SIZE,
+    DEFAULT_SPAN_SIZE, WINDOW_SIZE, ZTOC_VERSION,
+};
+
+const IN_BUF: usize = 256 * 1024;
+const OUT_BUF: usize = 256 * 1024;
+
+type Result<T> = std::result::Result<T, ZtocError>;
+
+/// Options for [`build`].
+#[derive(Clone, Debug)]
+pub struct BuildOptions {
+    /// Uncompressed bytes per span (at least; spans end at the next block boundary).
+    pub span_size: u64,
+    /// Layers whose blob is smaller than this are refused with [`ZtocError::LayerTooSmall`].
+    pub min_layer_size: u64,
+    /// Written as `build_tool_identifier`.
+    pub build_tool: String,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        BuildOptions {
+            span_size: DEFAULT_SPAN_SIZE,
+            min_layer_size: DEFAULT_MIN_LAYER_SIZE,
+            build_tool: BUILD_TOOL.to_string(),
+        }
+    }
+}
+
+/// What kind of blob a layer is, from its first bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlobKind {
+    Gzip,
+    Tar,
+}
+
+/// Identifies the compression from the first bytes of a blob.
+pub fn detect(head: &[u8]) -> Result<BlobKind> {
+    let unsupported = |name: &str| {
+        Err(ZtocError::UnsupportedCompression(format!(
+            "{name} layers cannot be indexed (only gzip and plain tar)"
+        )))
+    };
+    if head.starts_with(&[0x1f, 0x8b]) {
+        Ok(BlobKind::Gzip)
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        unsupported("zstd")
+    } else if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
+        unsupported("xz")
+    } else if head.starts_with(b"BZh") {
+        unsupported("bzip2")
+    } else {
+        Ok(BlobKind::Tar)
+    }
+}
+
+/// Reads until `buf` is full or the input ends; returns the bytes read.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(n)
+}
+
+/// Builds the zTOC of a layer blob read from `input`. `progress` gets the compressed bytes
+/// consumed so far.
+pub fn build(
+    mut input: impl Read,
+    opts: &BuildOptions,
+    progress: &mut dyn FnMut(u64),
+) -> Result<Ztoc> {
+    if opts.span_size == 0 {
+        return Err(ZtocError::Invalid("span size must be positive".into()));
+    }
+    let mut inbuf = vec![0u8; IN_BUF];
+    let head = read_full(&mut input, &mut inbuf)?;
+    if head == 0 {
+        return Err(ZtocError::InvalidTar("empty layer".into()));
+    }
+    let ztoc = match detect(&inbuf[..head])? {
+        BlobKind::Gzip => build_gzip(input, inbuf, head, opts, progress)?,
+        BlobKind::Tar => build_tar(input, inbuf, head, opts, progress)?,
+    };
+    if ztoc.compressed_size < opts.min_layer_size {
+        return Err(ZtocError::LayerTooSmall {
+            size: ztoc.compressed_size,
+            min: opts.min_layer_size,
+        });
+    }
+    ztoc.validate()?;
+    Ok(ztoc)
+}
+
+fn finish_digest(h: Sha256) -> [u8; 32] {
+    h.finalize().into()
+}
+
+fn build_gzip(
+    mut input: impl Read,
+    mut inbuf: Vec<u8>,
+    head: usize,
+    opts: &BuildOptions,
+    progress: &mut dyn FnMut(u64),
+) -> Result<Ztoc> {
+    let corrupt = |at: u64, m: &str| ZtocError::CorruptLayer(format!("{m} at compressed offset {at}"));
+    let mut inf = Inflater::new(Format::Gzip);
+    // Output buffer; its first WINDOW_SIZE bytes always hold the window before `fill`
+    // (zeros at the start of the stream, as the format wants).
+    let mut out = vec![0u8; WINDOW_SIZE + OUT_BUF];
+    let mut fill = WINDOW_SIZE;
+    let (mut start, mut end) = (0usize, head);
+    let mut eof = head < inbuf.len();
+    let mut total_in: u64 = 0;
+    let mut total_out: u64 = 0;
+    let mut in_member = true;
+    let mut last_byte = 0u8;
+    let mut hasher = Sha256::new();
+    let mut digests: Vec<[u8; 32]> = Vec::new();
+    let mut checkpoints: Vec<Checkpoint> = Vec::new();
+    let mut tar = TarScanner::new();
+
+    loop {
+        if start == end {
+            if eof {
+                break;
+            }
+            end = read_full(&mut input, &mut inbuf)?;
+            start = 0;
+            eof = end < inbuf.len();
+            continue;
+        }
+        if !in_member {
+            // Between members: another gzip member, or zero padding to the end.
+            if inbuf[start] == 0x1f {
+                inf.reset(Format::Gzip);
+                in_member = true;
+            } else if inbuf[start..end].iter().all(|&b| b == 0) {
+                hasher.update(&inbuf[start..end]);
+                total_in += (end - start) as u64;
+                start = end;
+                continue;
+            } else {
+                return Err(corrupt(total_in, "trailing data after the last gzip member"));
+            }
+        }
+        if fill == out.len() {
+            out.copy_within(fill - WINDOW_SIZE..fill, 0);
+            fill = WINDOW_SIZE;
+        }
+        let step = inf
+            .inflate(&inbuf[start..end], &mut out[fill..], true)
+            .map_err(|m| corrupt(total_in, &m))?;
+        if step.consumed > 0 {
+            hasher.update(&inbuf[start..start + step.consumed]);
+            last_byte = inbuf[start + step.consumed - 1];
+            start += step.consumed;
+            total_in += step.consumed as u64;
+        }
+        if step.produced > 0 {
+            tar.feed(&out[fill..fill + step.produced])?;
+            fill += step.produced;
+            total_out += step.produced as u64;
+        }
+        progress(total_in);
+        if step.stream_end {
+            in_member = false;
+            continue;
+        }
+        let at_boundary = step.data_type & 128 != 0 && step.data_type & 64 == 0;
+        let last_out = checkpoints.last().map(|c| c.output);
+        if at_boundary && last_out.is_none_or(|l| total_out - l > opts.span_size) {
+            let bits = (step.data_type & 7) as u8;
+            if !checkpoints.is_empty() {
+                digests.push(finish_digest(std::mem::take(&mut hasher)));
+            } else {
+                hasher = Sha256::new();
+            }
+            if bits != 0 {
+                // Consecutive spans share the byte whose bits straddle the boundary.
+                hasher.update([last_byte]);
+            }
+            checkpoints.push(Checkpoint {
+                input: total_in,
+                output: total_out,
+                bits,
+                window: out[fill - WINDOW_SIZE..fill].into(),
+            });
+        } else if step.consumed == 0 && step.produced == 0 && start < end {
+            return Err(corrupt(total_in, "inflate made no progress"));
+        }
+    }
+    if in_member {
+        return Err(corrupt(total_in, "gzip stream truncated"));
+    }
+    if checkpoints.is_empty() {
+        return Err(corrupt(total_in, "gzip stream holds no deflate data"));
+    }
+    digests.push(finish_digest(hasher));
+    let (entries, tar_size) = tar.finish()?;
+    Ok(Ztoc {
+        version: ZTOC_VERSION.into(),
+        build_tool: opts.build_tool.clone().into_bytes(),
+        compressed_size: total_in,
+        uncompressed_size: tar_size,
+        entries,
+        span_size: opts.span_size,
+        span_digests: digests,
+        compression: Compression::Gzip { checkpoints },
+    })
+}
+
+fn build_tar(
+    mut input: impl Read,
+    mut inbuf: Vec<u8>,
+    head: usize,
+    opts: &BuildOptions,
+    progress: &mut dyn FnMut(u64),
+) -> Result<Ztoc> {
+    let mut tar = TarScanner::new();
+    let mut hasher = Sha256::new();
+    let mut in_span: u64 = 0;
+    let mut digests = Vec::new();
+    let mut total: u64 = 0;
+    let mut len = head;
+    while len > 0 {
+        let mut chunk = &inbuf[..len];
+        tar.feed(chunk)?;
+        while !chunk.is_empty() {
+            let n = ((opts.span_size - in_span) as usize).min(chunk.len());
+            hasher.update(&chunk[..n]);
+            in_span += n as u64;
+            chunk = &chunk[n..];
+            if in_span == opts.span_size {
+                digests.push(finish_digest(std::mem::take(&mut hasher)));
+                in_span = 0;
+            }
+        }
+        total += len as u64;
+        progress(total);
+        len = read_full(&mut input, &mut inbuf)?;
+    }
+    if in_span > 0 {
+        digests.push(finish_digest(hasher));
+    }
+    let (entries, tar_size) = tar.finish()?;
+    Ok(Ztoc {
+        version: ZTOC_VERSION.into(),
+        build_tool: opts.build_tool.clone().into_bytes(),
+        compressed_size: total,
+        uncompressed_size: tar_size,
+        entries,
+        span_size: opts.span_size,
+        span_digests: digests,
+        compression: Compression::Uncompressed { size: total },
+    })
+}

@@ -1,0 +1,416 @@
+//! zTOC engine: the SOCI table of contents of one layer, how to build it, and how to read any byte
+//! range of the layer through it.
+//!
+//! - [`format`]: the FlatBuffers encoding and the checkpoint blobs (formats.md §1);
+//! - [`builder`]: one streaming pass over a layer blob that produces a [`Ztoc`];
+//! - [`reader`]: random reads of the uncompressed layer, span by span, each span verified;
+//! - [`tar`]: the streaming tar scanner the builder uses.
+//!
+//! This module does no I/O policy: bytes come from a caller-supplied [`reader::BlobSource`].
+
+pub mod builder;
+mod fb;
+pub mod format;
+pub mod path;
+pub mod reader;
+pub mod tar;
+pub mod verify;
+pub mod time;
+mod zlib;
+
+use std::ops::Range;
+
+pub use builder::{build, BuildOptions};
+pub use reader::{BlobSource, LayerReader};
+
+/// Default span size: 4 MiB of uncompressed data per span.
+pub const DEFAULT_SPAN_SIZE: u64 = 4 << 20;
+/// Layers smaller than this (compressed) are not indexed by default.
+pub const DEFAULT_MIN_LAYER_SIZE: u64 = 10 << 20;
+/// Size of the inflate window stored with every gzip checkpoint.
+pub const WINDOW_SIZE: usize = 32 * 1024;
+/// The zTOC format version written and understood.
+pub const ZTOC_VERSION: &str = "0.9";
+/// The build tool identifier written into zTOCs built here.
+pub const BUILD_TOOL: &str = concat!("soci-store ", env!("CARGO_PKG_VERSION"));
+
+/// Errors from parsing, building or reading zTOCs.
+#[derive(Debug, thiserror::Error)]
+pub enum ZtocError {
+    #[error("malformed zTOC: {0}")]
+    Malformed(String),
+    #[error("invalid zTOC: {0}")]
+    Invalid(String),
+    #[error("unsupported compression: {0}")]
+    UnsupportedCompression(String),
+    #[error("corrupt layer: {0}")]
+    CorruptLayer(String),
+    #[error("invalid tar: {0}")]
+    InvalidTar(String),
+    #[error("span {span} failed verification: expected sha256:{expected}, got sha256:{actual}")]
+    SpanDigestMismatch {
+        span: usize,
+        expected: String,
+        actual: String,
+    },
+    #[error("layer is {size} bytes, smaller than the minimum layer size {min} to index")]
+    LayerTooSmall { size: u64, min: u64 },
+    #[error("read out of range: {0}")]
+    OutOfRange(String),
+    #[error("no such entry: {0}")]
+    NotFound(String),
+    #[error("tar header of {name} does not match its zTOC entry: {what}")]
+    HeaderMismatch { name: String, what: String },
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The kind of a tar entry, as the zTOC spells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EntryType {
+    Reg,
+    Dir,
+    Symlink,
+    Hardlink,
+    Char,
+    Block,
+    Fifo,
+}
+
+impl EntryType {
+    /// The zTOC's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryType::Reg => "reg",
+            EntryType::Dir => "dir",
+            EntryType::Symlink => "symlink",
+            EntryType::Hardlink => "hardlink",
+            EntryType::Char => "char",
+            EntryType::Block => "block",
+            EntryType::Fifo => "fifo",
+        }
+    }
+
+    /// Parses the zTOC's spelling.
+    pub fn parse(s: &[u8]) -> Option<Self> {
+        Some(match s {
+            b"reg" => EntryType::Reg,
+            b"dir" => EntryType::Dir,
+            b"symlink" => EntryType::Symlink,
+            b"hardlink" => EntryType::Hardlink,
+            b"char" => EntryType::Char,
+            b"block" => EntryType::Block,
+            b"fifo" => EntryType::Fifo,
+            _ => return None,
+        })
+    }
+
+    /// Whether entries of this type carry data in the tar stream.
+    pub fn has_data(self) -> bool {
+        self == EntryType::Reg
+    }
+}
+
+/// One file of the layer (`FileMetadata`). Strings are raw bytes as in the tar.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub name: Vec<u8>,
+    pub kind: EntryType,
+    /// Offset of the file data (not the header) in the uncompressed tar stream.
+    pub offset: u64,
+    pub size: u64,
+    pub linkname: Vec<u8>,
+    /// Permission and special bits as in the tar header.
+    pub mode: i64,
+    pub uid: u32,
+    pub gid: u32,
+    pub uname: Vec<u8>,
+    pub gname: Vec<u8>,
+    /// RFC 3339 modification time, as stored.
+    pub mod_time: Vec<u8>,
+    pub devmajor: i64,
+    pub devminor: i64,
+    /// Every PAX record of the entry, sorted by key.
+    pub pax: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// Prefix of PAX records that carry extended attributes.
+pub const XATTR_PREFIX: &[u8] = b"SCHILY.xattr.";
+
+impl Entry {
+    /// Extended attributes from `SCHILY.xattr.*` PAX records, name without the prefix.
+    pub fn xattrs(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.pax.iter().filter_map(|(k, v)| {
+            k.strip_prefix(XATTR_PREFIX)
+                .map(|name| (name, v.as_slice()))
+        })
+    }
+
+    /// Bytes of data this entry occupies in the tar stream.
+    pub fn data_len(&self) -> u64 {
+        if self.kind.has_data() {
+            self.size
+        } else {
+            0
+        }
+    }
+
+    /// The name for humans (lossy UTF-8).
+    pub fn display_name(&self) -> String {
+        String::from_utf8_lossy(&self.name).into_owned()
+    }
+}
+
+/// A gzip checkpoint: where a span starts and what inflate needs to resume there.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// Compressed offset of the first full byte after the checkpoint.
+    pub input: u64,
+    /// Uncompressed offset of the checkpoint.
+    pub output: u64,
+    /// Bits of the byte at `input - 1` that still belong to the next block (0..=7).
+    pub bits: u8,
+    /// The 32 KiB of uncompressed data preceding `output`, zero-filled at the start.
+    pub window: Box<[u8]>,
+}
+
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoint")
+            .field("input", &self.input)
+            .field("output", &self.output)
+            .field("bits", &self.bits)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How the layer blob is compressed, with what a reader needs to resume inside it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Compression {
+    /// Gzip (one or several members), with one checkpoint per span.
+    Gzip { checkpoints: Vec<Checkpoint> },
+    /// A plain tar: spans are fixed `span_size` chunks of `size` bytes.
+    Uncompressed { size: u64 },
+}
+
+/// A zTOC: the file table and decompression checkpoints of one layer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ztoc {
+    pub version: Vec<u8>,
+    pub build_tool: Vec<u8>,
+    /// Length of the layer blob.
+    pub compressed_size: u64,
+    /// Tar position just after the end-of-archive blocks.
+    pub uncompressed_size: u64,
+    /// Entries in tar order (sorted by offset).
+    pub entries: Vec<Entry>,
+    pub span_size: u64,
+    pub span_digests: Vec<[u8; 32]>,
+    pub compression: Compression,
+}
+
+/// One span: compressed and uncompressed ranges and the digest of the compressed bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Span {
+    pub id: usize,
+    pub compressed: Range<u64>,
+    pub uncompressed: Range<u64>,
+    pub digest: [u8; 32],
+}
+
+/// Rounds up to the next 512-byte tar block.
+pub(crate) fn block_round(n: u64) -> u64 {
+    n.div_ceil(512).saturating_mul(512)
+}
+
+impl Ztoc {
+    /// Number of spans.
+    pub fn span_count(&self) -> usize {
+        self.span_digests.len()
+    }
+
+    /// Span `id` (must be `< span_count()`; the zTOC is validated on load).
+    pub fn span(&self, id: usize) -> Span {
+        let n = self.span_count();
+        let digest = self.span_digests[id];
+        match &self.compression {
+            Compression::Gzip { checkpoints } => {
+                let cp = &checkpoints[id];
+                let start = cp.input - u64::from(cp.bits != 0);
+                let (cend, uend) = match checkpoints.get(id + 1) {
+                    Some(next) => (next.input, next.output.min(self.uncompressed_size)),
+                    None => (self.compressed_size, self.uncompressed_size),
+                };
+                Span {
+                    id,
+                    compressed: start..cend,
+                    uncompressed: cp.output.min(uend)..uend,
+                    digest,
+                }
+            }
+            Compression::Uncompressed { size } => {
+                let start = id as u64 * self.span_size;
+                let end = if id + 1 == n {
+                    *size
+                } else {
+                    start + self.span_size
+                };
+                Span {
+                    id,
+                    compressed: start..end,
+                    uncompressed: start..end,
+                    digest,
+                }
+            }
+        }
+    }
+
+    /// The span holding uncompressed offset `offset` (which must be below `uncompressed_size`).
+    pub fn span_for_offset(&self, offset: u64) -> usize {
+        match &self.compression {
+            Compression::Gzip { checkpoints } => checkpoints
+                .partition_point(|c| c.output <= offset)
+                .saturating_sub(1),
+            Compression::Uncompressed { .. } => {
+                ((offset / self.span_size) as usize).min(self.span_count().saturating_sub(1))
+            }
+        }
+    }
+
+    /// Where entry `i`'s tar header blocks start (the previous entry's data end, rounded up).
+    pub fn header_offset(&self, i: usize) -> u64 {
+        match i.checked_sub(1) {
+            None => 0,
+            Some(p) => {
+                let prev = &self.entries[p];
+                block_round(prev.offset + prev.data_len())
+            }
+        }
+    }
+
+    /// Checks every invariant a reader relies on, so that later reads cannot index out of bounds.
+    pub fn validate(&self) -> Result<(), ZtocError> {
+        let inv = |m: String| Err(ZtocError::Invalid(m));
+        if self.span_size == 0 {
+            return inv("span size is 0".into());
+        }
+        if self.span_digests.is_empty() {
+            return inv("no spans".into());
+        }
+        let mut prev_data_end = 0u64;
+        for (i, e) in self.entries.iter().enumerate() {
+            let name = e.display_name();
+            path::check_entry_name(&e.name)
+                .map_err(|m| ZtocError::Invalid(format!("entry {i} {name:?}: {m}")))?;
+            let header_start = block_round(prev_data_end);
+            let min_offset = header_start.saturating_add(512);
+            if e.offset < min_offset {
+                return inv(format!(
+                    "entry {i} {name:?} at offset {} overlaps the previous entry (its header starts at {header_start})",
+                    e.offset
+                ));
+            }
+            let end = e.offset.checked_add(e.data_len());
+            match end {
+                Some(end) if end <= self.uncompressed_size => prev_data_end = end,
+                _ => {
+                    return inv(format!(
+                        "entry {i} {name:?}: data {}+{} runs past the end of the archive ({})",
+                        e.offset, e.size, self.uncompressed_size
+                    ))
+                }
+            }
+            if e.kind == EntryType::Hardlink {
+                path::check_entry_name(&e.linkname).map_err(|m| {
+                    ZtocError::Invalid(format!("hardlink {name:?} target: {m}"))
+                })?;
+            }
+        }
+        match &self.compression {
+            Compression::Gzip { checkpoints } => {
+                if checkpoints.len() != self.span_digests.len() {
+                    return inv(format!(
+                        "{} checkpoints for {} spans",
+                        checkpoints.len(),
+                        self.span_digests.len()
+                    ));
+                }
+                if checkpoints[0].output != 0 {
+                    return inv("first checkpoint is not at uncompressed offset 0".into());
+                }
+                for (i, c) in checkpoints.iter().enumerate() {
+                    if c.bits > 7 || (c.bits != 0 && c.input == 0) {
+                        return inv(format!("checkpoint {i}: bad bit count {}", c.bits));
+                    }
+                    if c.input > self.compressed_size {
+                        return inv(format!(
+                            "checkpoint {i}: compressed offset {} past the blob end {}",
+                            c.input, self.compressed_size
+                        ));
+                    }
+                    if c.window.len() != WINDOW_SIZE {
+                        return inv(format!("checkpoint {i}: window is not 32 KiB"));
+                    }
+                    if i > 0 {
+                        let p = &checkpoints[i - 1];
+                        if c.input <= p.input || c.output <= p.output {
+                            return inv(format!("checkpoint {i} does not follow checkpoint {}", i - 1));
+                        }
+                    }
+                }
+            }
+            Compression::Uncompressed { size } => {
+                let spans = size.div_ceil(self.span_size);
+                if *size != self.compressed_size || spans != self.span_digests.len() as u64 {
+                    return inv(format!(
+                        "tar of {size} bytes in {}-byte spans does not match {} spans of a {}-byte blob",
+                        self.span_size,
+                        self.span_digests.len(),
+                        self.compressed_size
+                    ));
+                }
+                if self.uncompressed_size > *size {
+                    return inv("archive is larger than the blob".into());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The entry with this name (normalized: `./a`, `a` and `/a` are the same).
+    pub fn find(&self, name: &[u8]) -> Option<usize> {
+        let want = path::normalize(name);
+        self.entries
+            .iter()
+            .position(|e| path::normalize(&e.name) == want)
+    }
+
+    /// Follows hardlinks to the entry that holds the data.
+    pub fn resolve_hardlink(&self, i: usize) -> Result<usize, ZtocError> {
+        let mut cur = i;
+        // A chain longer than the table means a cycle.
+        for _ in 0..=self.entries.len() {
+            let e = &self.entries[cur];
+            if e.kind != EntryType::Hardlink {
+                return Ok(cur);
+            }
+            cur = self.find(&e.linkname).ok_or_else(|| {
+                ZtocError::NotFound(format!(
+                    "hardlink {} points at missing {}",
+                    e.display_name(),
+                    String::from_utf8_lossy(&e.linkname)
+                ))
+            })?;
+        }
+        Err(ZtocError::Invalid(format!(
+            "hardlink cycle at {}",
+            self.entries[i].display_name()
+        )))
+    }
+
+    /// sha256 of the serialized zTOC, as index manifests name it.
+    pub fn digest_of(bytes: &[u8]) -> String {
+        use sha2::Digest;
+        format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
+    }
+}

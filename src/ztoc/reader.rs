@@ -1,0 +1,336 @@
+//! Random reads of a layer's uncompressed tar stream through its zTOC.
+//!
+//! A read finds the spans that hold the range, gets each span's compressed bytes from a
+//! [`BlobSource`], checks them against the span digest (a mismatch is an error, never data), and
+//! inflates from the span's checkpoint: raw inflate, primed with the straddling bits, the 32 KiB
+//! window as dictionary, continuing across gzip member boundaries.
+
+use std::collections::VecDeque;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use sha2::{Digest, Sha256};
+
+use super::tar::TarScanner;
+use super::zlib::{Format, Inflater};
+use super::{Compression, EntryType, Ztoc, ZtocError};
+
+type Result<T> = std::result::Result<T, ZtocError>;
+
+/// A source of a blob's compressed bytes: "give me bytes [a, b) of this blob".
+pub trait BlobSource: Send + Sync {
+    /// Returns exactly the bytes of `range`, or an error.
+    fn read_range(&self, range: Range<u64>) -> std::io::Result<Vec<u8>>;
+}
+
+impl BlobSource for std::fs::File {
+    fn read_range(&self, range: Range<u64>) -> std::io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; (range.end - range.start) as usize];
+        self.read_exact_at(&mut buf, range.start)?;
+        Ok(buf)
+    }
+}
+
+impl BlobSource for [u8] {
+    fn read_range(&self, range: Range<u64>) -> std::io::Result<Vec<u8>> {
+        usize::try_from(range.start)
+            .ok()
+            .zip(usize::try_from(range.end).ok())
+            .and_then(|(a, b)| self.get(a..b))
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| std::io::ErrorKind::UnexpectedEof.into())
+    }
+}
+
+impl BlobSource for Vec<u8> {
+    fn read_range(&self, range: Range<u64>) -> std::io::Result<Vec<u8>> {
+        self.as_slice().read_range(range)
+    }
+}
+
+impl<T: BlobSource + ?Sized> BlobSource for Arc<T> {
+    fn read_range(&self, range: Range<u64>) -> std::io::Result<Vec<u8>> {
+        (**self).read_range(range)
+    }
+}
+
+/// Checks a span's compressed bytes against its digest.
+pub fn verify_span(ztoc: &Ztoc, id: usize, bytes: &[u8]) -> Result<()> {
+    let actual: [u8; 32] = Sha256::digest(bytes).into();
+    let expected = ztoc.span_digests[id];
+    if actual == expected {
+        Ok(())
+    } else {
+        Err(ZtocError::SpanDigestMismatch {
+            span: id,
+            expected: hex::encode(expected),
+            actual: hex::encode(actual),
+        })
+    }
+}
+
+/// Fills `out` with uncompressed bytes of span `id` starting `skip` bytes into the span.
+/// `bytes` are the span's verified compressed bytes.
+pub fn inflate_span(ztoc: &Ztoc, id: usize, bytes: &[u8], skip: u64, out: &mut [u8]) -> Result<()> {
+    let span = ztoc.span(id);
+    if skip + out.len() as u64 > span.uncompressed.end - span.uncompressed.start {
+        return Err(ZtocError::OutOfRange(format!(
+            "{}+{} past the end of span {id}",
+            skip,
+            out.len()
+        )));
+    }
+    let checkpoints = match &ztoc.compression {
+        Compression::Uncompressed { .. } => {
+            let from = skip as usize;
+            out.copy_from_slice(bytes.get(from..from + out.len()).ok_or_else(|| {
+                ZtocError::CorruptLayer(format!("span {id} is shorter than the zTOC says"))
+            })?);
+            return Ok(());
+        }
+        Compression::Gzip { checkpoints } => checkpoints,
+    };
+    let cp = &checkpoints[id];
+    let corrupt = |m: String| ZtocError::CorruptLayer(format!("span {id}: {m}"));
+    let mut inf = Inflater::new(Format::Raw);
+    let mut format = Format::Raw;
+    let mut pos = 0usize;
+    if cp.bits != 0 {
+        let first = *bytes.first().ok_or_else(|| corrupt("empty span".into()))?;
+        inf.prime(cp.bits, first).map_err(corrupt)?;
+        pos = 1;
+    }
+    inf.set_dictionary(&cp.window).map_err(corrupt)?;
+    let mut scratch = vec![0u8; skip.min(64 * 1024) as usize];
+    let mut skip = skip;
+    let mut filled = 0usize;
+    while filled < out.len() {
+        let target = if skip > 0 {
+            let n = skip.min(scratch.len() as u64) as usize;
+            &mut scratch[..n]
+        } else {
+            &mut out[filled..]
+        };
+        let step = inf.inflate(&bytes[pos..], target, false).map_err(corrupt)?;
+        pos += step.consumed;
+        if skip > 0 {
+            skip -= step.produced as u64;
+        } else {
+            filled += step.produced;
+        }
+        if step.stream_end {
+            // End of a gzip member: continue with the next member's header. In raw mode the
+            // trailer is still ahead; gzip mode has consumed (and checked) it.
+            if format == Format::Raw {
+                pos += 8;
+            }
+            if pos >= bytes.len() {
+                return Err(corrupt("data ends at a gzip member boundary".into()));
+            }
+            format = Format::Gzip;
+            inf.reset(format);
+        } else if step.consumed == 0 && step.produced == 0 {
+            return Err(corrupt(
+                "compressed data ends before the span's uncompressed end".into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Small LRU of fully inflated spans.
+struct SpanCache {
+    capacity: usize,
+    spans: VecDeque<(usize, Arc<[u8]>)>,
+}
+
+/// Reads any uncompressed range of a layer through its zTOC.
+pub struct LayerReader<S> {
+    ztoc: Arc<Ztoc>,
+    source: S,
+    cache: Option<Mutex<SpanCache>>,
+    verify_headers: bool,
+    header_checked: Vec<AtomicBool>,
+}
+
+impl<S: BlobSource> LayerReader<S> {
+    /// A reader that inflates only what each read needs.
+    pub fn new(ztoc: Arc<Ztoc>, source: S) -> Self {
+        let n = ztoc.entries.len();
+        LayerReader {
+            ztoc,
+            source,
+            cache: None,
+            verify_headers: false,
+            header_checked: (0..n).map(|_| AtomicBool::new(false)).collect(),
+        }
+    }
+
+    /// Keeps up to `spans` fully inflated spans in memory (for sequential or clustered reads).
+    pub fn with_span_cache(mut self, spans: usize) -> Self {
+        self.cache = (spans > 0).then(|| {
+            Mutex::new(SpanCache {
+                capacity: spans,
+                spans: VecDeque::new(),
+            })
+        });
+        self
+    }
+
+    /// Checks each entry's tar header against its zTOC entry on the entry's first read.
+    pub fn verify_headers(mut self, on: bool) -> Self {
+        self.verify_headers = on;
+        self
+    }
+
+    pub fn ztoc(&self) -> &Arc<Ztoc> {
+        &self.ztoc
+    }
+
+    /// Fetches span `id`'s compressed bytes and verifies them.
+    pub fn fetch_span(&self, id: usize) -> Result<Vec<u8>> {
+        let span = self.ztoc.span(id);
+        let bytes = self.source.read_range(span.compressed.clone())?;
+        if bytes.len() as u64 != span.compressed.end - span.compressed.start {
+            return Err(ZtocError::CorruptLayer(format!(
+                "span {id}: source returned {} bytes for {:?}",
+                bytes.len(),
+                span.compressed
+            )));
+        }
+        verify_span(&self.ztoc, id, &bytes)?;
+        Ok(bytes)
+    }
+
+    fn cached_span(&self, id: usize) -> Result<Option<Arc<[u8]>>> {
+        let Some(cache) = &self.cache else {
+            return Ok(None);
+        };
+        {
+            let mut c = cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(i) = c.spans.iter().position(|(s, _)| *s == id) {
+                let hit = c.spans.remove(i).expect("index in range");
+                c.spans.push_front(hit.clone());
+                return Ok(Some(hit.1));
+            }
+        }
+        let span = self.ztoc.span(id);
+        let bytes = self.fetch_span(id)?;
+        let mut data = vec![0u8; (span.uncompressed.end - span.uncompressed.start) as usize];
+        inflate_span(&self.ztoc, id, &bytes, 0, &mut data)?;
+        let data: Arc<[u8]> = data.into();
+        let mut c = cache.lock().unwrap_or_else(|p| p.into_inner());
+        c.spans.push_front((id, data.clone()));
+        let cap = c.capacity;
+        c.spans.truncate(cap);
+        Ok(Some(data))
+    }
+
+    /// Reads uncompressed bytes at `offset` into `buf`; returns how many (short only at the end
+    /// of the archive).
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let size = self.ztoc.uncompressed_size;
+        if offset >= size || buf.is_empty() {
+            return Ok(0);
+        }
+        let len = (buf.len() as u64).min(size - offset) as usize;
+        let mut done = 0usize;
+        while done < len {
+            let pos = offset + done as u64;
+            let id = self.ztoc.span_for_offset(pos);
+            let span = self.ztoc.span(id);
+            let skip = pos - span.uncompressed.start;
+            let n = ((span.uncompressed.end - pos) as usize).min(len - done);
+            if n == 0 {
+                return Err(ZtocError::Invalid(format!("no span covers offset {pos}")));
+            }
+            let out = &mut buf[done..done + n];
+            match self.cached_span(id)? {
+                Some(data) => out.copy_from_slice(&data[skip as usize..skip as usize + n]),
+                None => {
+                    let bytes = self.fetch_span(id)?;
+                    inflate_span(&self.ztoc, id, &bytes, skip, out)?;
+                }
+            }
+            done += n;
+        }
+        Ok(len)
+    }
+
+    /// Reads `range` of the uncompressed stream into a new vector.
+    pub fn read_range(&self, range: Range<u64>) -> Result<Vec<u8>> {
+        if range.end > self.ztoc.uncompressed_size || range.start > range.end {
+            return Err(ZtocError::OutOfRange(format!(
+                "{range:?} outside the {}-byte archive",
+                self.ztoc.uncompressed_size
+            )));
+        }
+        let mut buf = vec![0u8; (range.end - range.start) as usize];
+        self.read_at(range.start, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Reads file data of entry `idx` (hardlinks read their target) at `offset` into `buf`.
+    pub fn read_entry(&self, idx: usize, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let data_idx = self.ztoc.resolve_hardlink(idx)?;
+        let e = &self.ztoc.entries[data_idx];
+        if e.kind != EntryType::Reg {
+            return Err(ZtocError::Invalid(format!(
+                "{} is a {}, not a regular file",
+                e.display_name(),
+                e.kind.as_str()
+            )));
+        }
+        if self.verify_headers && !self.header_checked[data_idx].load(Ordering::Relaxed) {
+            self.verify_header(data_idx)?;
+            self.header_checked[data_idx].store(true, Ordering::Relaxed);
+        }
+        if offset >= e.size {
+            return Ok(0);
+        }
+        let n = (buf.len() as u64).min(e.size - offset) as usize;
+        self.read_at(e.offset + offset, &mut buf[..n])
+    }
+
+    /// Reads the whole data of entry `idx`.
+    pub fn read_file(&self, idx: usize) -> Result<Vec<u8>> {
+        let data_idx = self.ztoc.resolve_hardlink(idx)?;
+        let mut buf = vec![0u8; self.ztoc.entries[data_idx].size as usize];
+        let n = self.read_entry(idx, 0, &mut buf)?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// Re-reads the tar header blocks of entry `idx` and checks them against the zTOC entry.
+    pub fn verify_header(&self, idx: usize) -> Result<()> {
+        let e = &self.ztoc.entries[idx];
+        let start = self.ztoc.header_offset(idx);
+        let bytes = self.read_range(start..e.offset)?;
+        let mut scanner = TarScanner::starting_at(start);
+        let mismatch = |what: String| ZtocError::HeaderMismatch {
+            name: e.display_name(),
+            what,
+        };
+        scanner
+            .feed(&bytes)
+            .map_err(|err| mismatch(err.to_string()))?;
+        let found = match scanner.entries() {
+            [one] => one,
+            other => return Err(mismatch(format!("{} headers found", other.len()))),
+        };
+        let checks: [(&str, bool); 6] = [
+            ("name", found.name == e.name),
+            ("type", found.kind == e.kind),
+            ("size", found.size == e.size),
+            ("data offset", found.offset == e.offset),
+            ("link target", found.linkname == e.linkname),
+            ("mode", found.mode == e.mode),
+        ];
+        match checks.iter().find(|(_, ok)| !ok) {
+            Some((what, _)) => Err(mismatch(format!("{what} differs"))),
+            None => Ok(()),
+        }
+    }
+}
