@@ -9,9 +9,11 @@ use sha2::{Digest, Sha256};
 use soci_store::ztoc::{self, format, BuildOptions, Compression, LayerReader, Ztoc};
 
 fn fixtures() -> PathBuf {
-    let dir = std::env::var_os("SOCI_FIXTURES").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/upstream-ztoc")
-    });
+    let dir = std::env::var_os("SOCI_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/upstream-ztoc")
+        });
     assert!(
         dir.join("edge/layer.tar.gz").exists(),
         "upstream fixtures not found at {} (set SOCI_FIXTURES)",
@@ -49,11 +51,20 @@ fn reads_upstream_ztoc_metadata() {
     for (fixture, name, span_size) in CASES {
         let (bytes, z) = upstream(fixture, name);
         let info = json(fixtures().join(fixture).join(format!("{name}.info.json")));
-        assert_eq!(Ztoc::digest_of(&bytes), info["ztoc_digest"].as_str().unwrap());
+        assert_eq!(
+            Ztoc::digest_of(&bytes),
+            info["ztoc_digest"].as_str().unwrap()
+        );
         assert_eq!(z.version, b"0.9");
         assert_eq!(z.span_size, span_size);
-        assert_eq!(z.compressed_size, info["compressed_archive_size"].as_u64().unwrap());
-        assert_eq!(z.uncompressed_size, info["uncompressed_archive_size"].as_u64().unwrap());
+        assert_eq!(
+            z.compressed_size,
+            info["compressed_archive_size"].as_u64().unwrap()
+        );
+        assert_eq!(
+            z.uncompressed_size,
+            info["uncompressed_archive_size"].as_u64().unwrap()
+        );
         let entries = info["entries"].as_array().unwrap();
         assert_eq!(z.entries.len(), entries.len());
         for (e, want) in z.entries.iter().zip(entries) {
@@ -73,9 +84,18 @@ fn reads_upstream_ztoc_metadata() {
         assert_eq!(z.span_count(), spans.len());
         for (i, s) in spans.iter().enumerate() {
             let span = z.span(i);
-            assert_eq!(span.compressed.start, s["start_compressed_offset"].as_u64().unwrap());
-            assert_eq!(span.compressed.end, s["end_compressed_offset"].as_u64().unwrap());
-            assert_eq!(span.uncompressed.start, s["start_uncompressed_offset"].as_u64().unwrap());
+            assert_eq!(
+                span.compressed.start,
+                s["start_compressed_offset"].as_u64().unwrap()
+            );
+            assert_eq!(
+                span.compressed.end,
+                s["end_compressed_offset"].as_u64().unwrap()
+            );
+            assert_eq!(
+                span.uncompressed.start,
+                s["start_uncompressed_offset"].as_u64().unwrap()
+            );
             assert_eq!(
                 format!("sha256:{}", hex::encode(span.digest)),
                 s["digest"].as_str().unwrap()
@@ -84,11 +104,17 @@ fn reads_upstream_ztoc_metadata() {
         let Compression::Gzip { checkpoints } = &z.compression else {
             panic!("gzip expected")
         };
-        for (c, want) in checkpoints.iter().zip(info["gzip_checkpoints"].as_array().unwrap()) {
+        for (c, want) in checkpoints
+            .iter()
+            .zip(info["gzip_checkpoints"].as_array().unwrap())
+        {
             assert_eq!(c.input, want["in"].as_u64().unwrap());
             assert_eq!(c.output, want["out"].as_u64().unwrap());
             assert_eq!(u64::from(c.bits), want["bits"].as_u64().unwrap());
-            assert_eq!(hex::encode(Sha256::digest(&c.window)), want["window_sha256"].as_str().unwrap());
+            assert_eq!(
+                hex::encode(Sha256::digest(&c.window)),
+                want["window_sha256"].as_str().unwrap()
+            );
         }
     }
 }
@@ -102,11 +128,17 @@ fn every_file_read_through_upstream_ztoc_matches() {
         let reader = LayerReader::new(Arc::new(z), layer).verify_headers(true);
         let mut checked = 0;
         for f in manifest["files"].as_array().unwrap() {
-            let Some(want) = f.get("sha256").and_then(Value::as_str) else { continue };
+            let Some(want) = f.get("sha256").and_then(Value::as_str) else {
+                continue;
+            };
             let fname = hex_of(f, "name", "name_hex");
             let idx = reader.ztoc().find(&fname).unwrap_or_else(|| panic!("{f}"));
             let data = reader.read_file(idx).unwrap();
-            assert_eq!(hex::encode(Sha256::digest(&data)), want, "{fixture}/{name}: {f}");
+            assert_eq!(
+                hex::encode(Sha256::digest(&data)),
+                want,
+                "{fixture}/{name}: {f}"
+            );
             checked += 1;
         }
         assert!(checked > 0);
@@ -125,7 +157,10 @@ fn our_ztoc_matches_upstreams() {
         };
         let ours = ztoc::build(std::io::BufReader::new(layer), &opts, &mut |_| {}).unwrap();
         assert_eq!(ours.compressed_size, theirs.compressed_size);
-        assert_eq!(ours.uncompressed_size, theirs.uncompressed_size, "{fixture}/{name}");
+        assert_eq!(
+            ours.uncompressed_size, theirs.uncompressed_size,
+            "{fixture}/{name}"
+        );
         assert_eq!(ours.entries.len(), theirs.entries.len());
         for (a, b) in ours.entries.iter().zip(&theirs.entries) {
             assert_eq!(a, b, "{fixture}/{name}");

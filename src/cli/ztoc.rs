@@ -84,7 +84,8 @@ impl ZtocCommand {
 }
 
 fn build(layer: &Path, output: &Path, span_size: u64, min_layer_size: u64) -> Result<()> {
-    let file = std::fs::File::open(layer).with_context(|| format!("opening {}", layer.display()))?;
+    let file =
+        std::fs::File::open(layer).with_context(|| format!("opening {}", layer.display()))?;
     let size = file.metadata()?.len();
     if size < min_layer_size {
         bail!(ztoc::ZtocError::LayerTooSmall {
@@ -149,7 +150,11 @@ fn info(path: &Path, json: bool) -> Result<()> {
         Compression::Gzip { checkpoints } => ("gzip", checkpoints.len()),
         Compression::Uncompressed { .. } => ("uncompressed", 0),
     };
-    let files = z.entries.iter().filter(|e| e.kind == ztoc::EntryType::Reg).count();
+    let files = z
+        .entries
+        .iter()
+        .filter(|e| e.kind == ztoc::EntryType::Reg)
+        .count();
     if json {
         let spans: Vec<_> = (0..z.span_count())
             .map(|i| {
@@ -181,7 +186,10 @@ fn info(path: &Path, json: bool) -> Result<()> {
     println!("digest:            {}", Ztoc::digest_of(&bytes));
     println!("size:              {} bytes", bytes.len());
     println!("version:           {}", String::from_utf8_lossy(&z.version));
-    println!("build tool:        {}", String::from_utf8_lossy(&z.build_tool));
+    println!(
+        "build tool:        {}",
+        String::from_utf8_lossy(&z.build_tool)
+    );
     println!("compression:       {algo}");
     println!("compressed size:   {}", z.compressed_size);
     println!("uncompressed size: {}", z.uncompressed_size);
@@ -190,7 +198,10 @@ fn info(path: &Path, json: bool) -> Result<()> {
     if algo == "gzip" {
         println!("checkpoints:       {checkpoints}");
     }
-    println!("entries:           {} ({files} regular files)", z.entries.len());
+    println!(
+        "entries:           {} ({files} regular files)",
+        z.entries.len()
+    );
     Ok(())
 }
 
@@ -225,7 +236,8 @@ fn get_file(ztoc_path: &Path, layer: &Path, name: &Path, output: Option<&Path>) 
     let idx = z
         .find(name.as_os_str().as_bytes())
         .with_context(|| format!("{} is not in the layer", name.display()))?;
-    let source = std::fs::File::open(layer).with_context(|| format!("opening {}", layer.display()))?;
+    let source =
+        std::fs::File::open(layer).with_context(|| format!("opening {}", layer.display()))?;
     let reader = LayerReader::new(Arc::new(z), source)
         .with_span_cache(1)
         .verify_headers(true);

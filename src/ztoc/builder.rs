@@ -124,7 +124,8 @@ fn build_gzip(
     opts: &BuildOptions,
     progress: &mut dyn FnMut(u64),
 ) -> Result<Ztoc> {
-    let corrupt = |at: u64, m: &str| ZtocError::CorruptLayer(format!("{m} at compressed offset {at}"));
+    let corrupt =
+        |at: u64, m: &str| ZtocError::CorruptLayer(format!("{m} at compressed offset {at}"));
     let mut inf = Inflater::new(Format::Gzip);
     // Output buffer; its first WINDOW_SIZE bytes always hold the window before `fill`
     // (zeros at the start of the stream, as the format wants).
@@ -162,7 +163,10 @@ fn build_gzip(
                 start = end;
                 continue;
             } else {
-                return Err(corrupt(total_in, "trailing data after the last gzip member"));
+                return Err(corrupt(
+                    total_in,
+                    "trailing data after the last gzip member",
+                ));
             }
         }
         if fill == out.len() {

@@ -36,9 +36,7 @@ fn read_u32(buf: &[u8], pos: usize) -> Result<u32> {
 
 fn follow(buf: &[u8], pos: usize) -> Result<usize> {
     let off = read_u32(buf, pos)? as usize;
-    let target = pos
-        .checked_add(off)
-        .ok_or_else(|| bad("offset overflow"))?;
+    let target = pos.checked_add(off).ok_or_else(|| bad("offset overflow"))?;
     if target >= buf.len() {
         return Err(bad("offset points outside the buffer"));
     }

@@ -14,8 +14,8 @@ pub mod format;
 pub mod path;
 pub mod reader;
 pub mod tar;
-pub mod verify;
 pub mod time;
+pub mod verify;
 mod zlib;
 
 use std::ops::Range;
@@ -29,6 +29,8 @@ pub const DEFAULT_SPAN_SIZE: u64 = 4 << 20;
 pub const DEFAULT_MIN_LAYER_SIZE: u64 = 10 << 20;
 /// Size of the inflate window stored with every gzip checkpoint.
 pub const WINDOW_SIZE: usize = 32 * 1024;
+/// Largest compressed span accepted: bounds what one read may fetch and hold in memory.
+pub const MAX_SPAN_BYTES: u64 = 256 << 20;
 /// The zTOC format version written and understood.
 pub const ZTOC_VERSION: &str = "0.9";
 /// The build tool identifier written into zTOCs built here.
@@ -321,11 +323,25 @@ impl Ztoc {
                 }
             }
             if e.kind == EntryType::Hardlink {
-                path::check_entry_name(&e.linkname).map_err(|m| {
-                    ZtocError::Invalid(format!("hardlink {name:?} target: {m}"))
-                })?;
+                path::check_entry_name(&e.linkname)
+                    .map_err(|m| ZtocError::Invalid(format!("hardlink {name:?} target: {m}")))?;
             }
         }
+        self.validate_compression()?;
+        for id in 0..self.span_count() {
+            let s = self.span(id);
+            if s.compressed.end - s.compressed.start > MAX_SPAN_BYTES {
+                return inv(format!(
+                    "span {id} holds {} compressed bytes, more than the {MAX_SPAN_BYTES} accepted",
+                    s.compressed.end - s.compressed.start
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_compression(&self) -> Result<(), ZtocError> {
+        let inv = |m: String| Err(ZtocError::Invalid(m));
         match &self.compression {
             Compression::Gzip { checkpoints } => {
                 if checkpoints.len() != self.span_digests.len() {
@@ -354,7 +370,10 @@ impl Ztoc {
                     if i > 0 {
                         let p = &checkpoints[i - 1];
                         if c.input <= p.input || c.output <= p.output {
-                            return inv(format!("checkpoint {i} does not follow checkpoint {}", i - 1));
+                            return inv(format!(
+                                "checkpoint {i} does not follow checkpoint {}",
+                                i - 1
+                            ));
                         }
                     }
                 }

@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 
 use super::tar::TarScanner;
 use super::zlib::{Format, Inflater};
-use super::{Compression, EntryType, Ztoc, ZtocError};
+use super::{Compression, EntryType, Ztoc, ZtocError, MAX_SPAN_BYTES};
 
 type Result<T> = std::result::Result<T, ZtocError>;
 
@@ -120,6 +120,9 @@ pub fn inflate_span(ztoc: &Ztoc, id: usize, bytes: &[u8], skip: u64, out: &mut [
         } else {
             filled += step.produced;
         }
+        if filled == out.len() {
+            break;
+        }
         if step.stream_end {
             // End of a gzip member: continue with the next member's header. In raw mode the
             // trailer is still ahead; gzip mode has consumed (and checked) it.
@@ -208,6 +211,10 @@ impl<S: BlobSource> LayerReader<S> {
         let Some(cache) = &self.cache else {
             return Ok(None);
         };
+        let span = self.ztoc.span(id);
+        if span.uncompressed.end - span.uncompressed.start > MAX_SPAN_BYTES {
+            return Ok(None);
+        }
         {
             let mut c = cache.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(i) = c.spans.iter().position(|(s, _)| *s == id) {
@@ -216,7 +223,6 @@ impl<S: BlobSource> LayerReader<S> {
                 return Ok(Some(hit.1));
             }
         }
-        let span = self.ztoc.span(id);
         let bytes = self.fetch_span(id)?;
         let mut data = vec![0u8; (span.uncompressed.end - span.uncompressed.start) as usize];
         inflate_span(&self.ztoc, id, &bytes, 0, &mut data)?;
@@ -294,13 +300,18 @@ impl<S: BlobSource> LayerReader<S> {
         self.read_at(e.offset + offset, &mut buf[..n])
     }
 
-    /// Reads the whole data of entry `idx`.
+    /// Reads the whole data of entry `idx`. Memory grows with the data actually read, never
+    /// with the size the zTOC claims.
     pub fn read_file(&self, idx: usize) -> Result<Vec<u8>> {
-        let data_idx = self.ztoc.resolve_hardlink(idx)?;
-        let mut buf = vec![0u8; self.ztoc.entries[data_idx].size as usize];
-        let n = self.read_entry(idx, 0, &mut buf)?;
-        buf.truncate(n);
-        Ok(buf)
+        let mut out = Vec::new();
+        let mut chunk = vec![0u8; 1 << 20];
+        loop {
+            let n = self.read_entry(idx, out.len() as u64, &mut chunk)?;
+            if n == 0 {
+                return Ok(out);
+            }
+            out.extend_from_slice(&chunk[..n]);
+        }
     }
 
     /// Re-reads the tar header blocks of entry `idx` and checks them against the zTOC entry.

@@ -25,11 +25,7 @@ enum State {
     /// Collecting a header block.
     Header,
     /// Collecting the data of a metadata entry, then skipping its padding.
-    Meta {
-        kind: Meta,
-        size: u64,
-        buf: Vec<u8>,
-    },
+    Meta { kind: Meta, size: u64, buf: Vec<u8> },
     /// Skipping file data and padding.
     Skip { remaining: u64 },
     /// One zero block seen; a second one ends the archive.
@@ -244,8 +240,7 @@ impl TarScanner {
                 b"uid" => uid = parse_decimal(v).ok_or_else(|| bad("bad PAX uid".into()))? as i64,
                 b"gid" => gid = parse_decimal(v).ok_or_else(|| bad("bad PAX gid".into()))? as i64,
                 b"mtime" => {
-                    (secs, nanos) =
-                        parse_pax_time(v).ok_or_else(|| bad("bad PAX mtime".into()))?
+                    (secs, nanos) = parse_pax_time(v).ok_or_else(|| bad("bad PAX mtime".into()))?
                 }
                 _ => {}
             }
@@ -266,12 +261,7 @@ impl TarScanner {
             b'4' => EntryType::Block,
             b'5' => EntryType::Dir,
             b'6' => EntryType::Fifo,
-            t => {
-                return Err(bad(format!(
-                    "unsupported entry type {:?}",
-                    char::from(t)
-                )))
-            }
+            t => return Err(bad(format!("unsupported entry type {:?}", char::from(t)))),
         };
         let display = String::from_utf8_lossy(&name).into_owned();
         super::path::check_entry_name(&name).map_err(|m| bad(format!("name {display:?}: {m}")))?;
@@ -335,7 +325,13 @@ impl Header {
         let unsigned: i64 = b
             .iter()
             .enumerate()
-            .map(|(i, &c)| if (148..156).contains(&i) { 32 } else { i64::from(c) })
+            .map(|(i, &c)| {
+                if (148..156).contains(&i) {
+                    32
+                } else {
+                    i64::from(c)
+                }
+            })
             .sum();
         let signed: i64 = b
             .iter()
@@ -379,10 +375,26 @@ impl Header {
             mtime: num(136..148, "mtime")?,
             typeflag: b[156],
             linkname: cstr(&b[157..257]).to_vec(),
-            uname: if modern { cstr(&b[265..297]).to_vec() } else { Vec::new() },
-            gname: if modern { cstr(&b[297..329]).to_vec() } else { Vec::new() },
-            devmajor: if modern { num(329..337, "devmajor")? } else { 0 },
-            devminor: if modern { num(337..345, "devminor")? } else { 0 },
+            uname: if modern {
+                cstr(&b[265..297]).to_vec()
+            } else {
+                Vec::new()
+            },
+            gname: if modern {
+                cstr(&b[297..329]).to_vec()
+            } else {
+                Vec::new()
+            },
+            devmajor: if modern {
+                num(329..337, "devmajor")?
+            } else {
+                0
+            },
+            devminor: if modern {
+                num(337..345, "devminor")?
+            } else {
+                0
+            },
         })
     }
 }
@@ -504,7 +516,10 @@ mod tests {
         assert_eq!(recs[1], (b"x".to_vec(), b"y=z".to_vec()));
         assert!(parse_pax(b"99 path=a\n", 0).is_err());
         assert!(parse_pax(b"5 a=b\n", 0).is_err());
-        assert_eq!(parse_pax_time(b"1700000000.123456789"), Some((1_700_000_000, 123_456_789)));
+        assert_eq!(
+            parse_pax_time(b"1700000000.123456789"),
+            Some((1_700_000_000, 123_456_789))
+        );
         assert_eq!(parse_pax_time(b"-315619200"), Some((-315_619_200, 0)));
         assert_eq!(parse_pax_time(b"-1.25"), Some((-2, 750_000_000)));
         assert_eq!(parse_pax_time(b"1.1234567891"), Some((1, 123_456_789)));

@@ -42,10 +42,7 @@ impl io::Write for HashWriter {
 
 /// Compares every span digest and every regular file read through `ztoc` with a sequential
 /// decompression of `layer` (opened twice: once sequentially, once as a random-access source).
-pub fn verify_layer(
-    ztoc: Arc<Ztoc>,
-    layer: &std::path::Path,
-) -> Result<VerifyReport, ZtocError> {
+pub fn verify_layer(ztoc: Arc<Ztoc>, layer: &std::path::Path) -> Result<VerifyReport, ZtocError> {
     let source = std::fs::File::open(layer)?;
     if source.metadata()?.len() != ztoc.compressed_size {
         return Err(ZtocError::Invalid(format!(
@@ -112,12 +109,11 @@ pub fn verify_layer(
         };
         report.files += 1;
         match result {
-            Err(err) => report
-                .problems
-                .push(format!("{}: {err}", e.display_name())),
-            Ok(()) if via.finalize() != seq.0.finalize() => report
-                .problems
-                .push(format!("{}: bytes read through the zTOC differ", e.display_name())),
+            Err(err) => report.problems.push(format!("{}: {err}", e.display_name())),
+            Ok(()) if via.finalize() != seq.0.finalize() => report.problems.push(format!(
+                "{}: bytes read through the zTOC differ",
+                e.display_name()
+            )),
             Ok(()) => {}
         }
     }

@@ -5,7 +5,7 @@
 //! is exposed by flate2. The wrapper keeps the `z_stream` boxed (zlib keeps a pointer back to it),
 //! points `next_in`/`next_out` only at the slices passed to one call, and frees it on drop.
 
-use std::ffi::{c_int, c_uint, c_void};
+use std::ffi::{c_int, c_uint};
 use std::ptr;
 
 use libz_sys as z;
@@ -55,7 +55,7 @@ extern "C" fn zalloc(_opaque: z::voidpf, items: c_uint, size: c_uint) -> z::void
 
 extern "C" fn zfree(_opaque: z::voidpf, address: z::voidpf) {
     // SAFETY: zlib only frees pointers it got from zalloc.
-    unsafe { libc::free(address as *mut c_void) }
+    unsafe { libc::free(address) }
 }
 
 impl Inflater {
@@ -139,7 +139,11 @@ impl Inflater {
         self.strm.avail_in = avail_in;
         self.strm.next_out = output.as_mut_ptr();
         self.strm.avail_out = avail_out;
-        let flush = if stop_at_block { z::Z_BLOCK } else { z::Z_NO_FLUSH };
+        let flush = if stop_at_block {
+            z::Z_BLOCK
+        } else {
+            z::Z_NO_FLUSH
+        };
         // SAFETY: next_in/next_out point at live slices of at least avail_in/avail_out bytes;
         // zlib reads only the input and writes only the output within those bounds.
         let rc = unsafe { z::inflate(&mut *self.strm, flush) };
