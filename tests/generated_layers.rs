@@ -348,3 +348,38 @@ fn cli_round_trip() {
         .unwrap();
     assert!(!verify.status.success());
 }
+
+/// Hundreds of thousands of entries encode and load (no verifier limit gets in the way).
+#[test]
+fn large_toc_loads() {
+    let (tar, _) = edge_layer(1000);
+    let mut z = build(&tar, 1 << 20);
+    let template = z
+        .entries
+        .iter()
+        .find(|e| e.kind == EntryType::Reg)
+        .unwrap()
+        .clone();
+    let n = 400_000u64;
+    z.entries = (0..n)
+        .map(|i| {
+            let mut e = template.clone();
+            e.name = format!("./many/dir{}/file-{i}.txt", i % 1000).into_bytes();
+            e.offset = i * 1024 + 512;
+            e.size = 100;
+            e
+        })
+        .collect();
+    z.uncompressed_size = n * 1024 + 1024;
+    z.compressed_size = z.uncompressed_size;
+    z.compression = Compression::Uncompressed {
+        size: z.compressed_size,
+    };
+    z.span_size = 64 << 20;
+    z.span_digests = vec![[0; 32]; z.compressed_size.div_ceil(z.span_size) as usize];
+    let bytes = format::encode(&z);
+    assert!(bytes.len() > 40 << 20, "{} bytes", bytes.len());
+    let back = format::decode(&bytes).unwrap();
+    assert_eq!(back.entries.len(), n as usize);
+    assert_eq!(back.entries[399_999].name, b"./many/dir999/file-399999.txt");
+}

@@ -511,7 +511,7 @@ mod tests {
 
     #[test]
     fn pax_records_and_times() {
-        let recs = parse_pax(b"16 path=a/b/cde\n9 x=y=z\n", 0).unwrap();
+        let recs = parse_pax(b"16 path=a/b/cde\n8 x=y=z\n", 0).unwrap();
         assert_eq!(recs[0], (b"path".to_vec(), b"a/b/cde".to_vec()));
         assert_eq!(recs[1], (b"x".to_vec(), b"y=z".to_vec()));
         assert!(parse_pax(b"99 path=a\n", 0).is_err());
