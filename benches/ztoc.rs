@@ -105,7 +105,9 @@ fn main() {
     let t_read = t.elapsed() / offs.len() as u32;
 
     // Baseline: inflating one whole span from its checkpoint (bytes already fetched).
-    let spans: Vec<_> = (0..z.span_count()).map(|i| (i, r.fetch_span(i).unwrap())).collect();
+    let spans: Vec<_> = (0..z.span_count())
+        .map(|i| (i, r.fetch_span(i).unwrap()))
+        .collect();
     let t = Instant::now();
     for (i, bytes) in &spans {
         let s = z.span(*i);
@@ -116,8 +118,15 @@ fn main() {
 
     let mb = |b: u64| b as f64 / 1e6;
     let secs = |d: Duration| d.as_secs_f64();
-    println!("layer: {} ({:.1} MB gzip, {:.1} MB tar, {} entries, {} spans of {} MiB)",
-        layer.display(), mb(size), mb(tar_size), z.entries.len(), z.span_count(), z.span_size >> 20);
+    println!(
+        "layer: {} ({:.1} MB gzip, {:.1} MB tar, {} entries, {} spans of {} MiB)",
+        layer.display(),
+        mb(size),
+        mb(tar_size),
+        z.entries.len(),
+        z.span_count(),
+        z.span_size >> 20
+    );
     println!();
     println!("| measure | value | baseline (same run) | ratio | target |");
     println!("|---|---|---|---|---|");
@@ -129,7 +138,8 @@ fn main() {
     match rss {
         Some(kib) => println!(
             "| peak RSS of `soci-store ztoc build` | {:.1} MiB | layer {:.0} MB | - | < 64 MiB |",
-            kib as f64 / 1024.0, mb(size)
+            kib as f64 / 1024.0,
+            mb(size)
         ),
         None => println!("| peak RSS of `soci-store ztoc build` | /usr/bin/time missing | | | |"),
     }
@@ -139,6 +149,8 @@ fn main() {
     );
     println!(
         "| inflate speed (flate2 + zlib) | {:.0} MB/s | `gzip -dc`: {:.0} MB/s | {:.2} | - |",
-        mb(tar_size) / secs(t_gunzip), mb(tar_size) / secs(t_gzip), secs(t_gzip) / secs(t_gunzip)
+        mb(tar_size) / secs(t_gunzip),
+        mb(tar_size) / secs(t_gzip),
+        secs(t_gzip) / secs(t_gunzip)
     );
 }

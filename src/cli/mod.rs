@@ -1,13 +1,24 @@
 //! The `soci-store` command line.
 
+mod blob;
 mod ztoc;
 
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
 use clap::{Parser, Subcommand};
+
+use crate::backends::BackendRegistry;
+use crate::config::Config;
 
 /// Lazily serve SOCI-indexed container images to podman.
 #[derive(Parser, Debug)]
 #[command(name = "soci-store", version, about)]
 pub struct Cli {
+    /// Configuration file (default: /etc/soci-store/config.toml when it exists).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -17,13 +28,85 @@ enum Command {
     /// Build, inspect and read zTOCs (the per-layer SOCI table of contents).
     #[command(subcommand)]
     Ztoc(ztoc::ZtocCommand),
+    /// Show the effective configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Read blobs through the configured fetchers.
+    #[command(subcommand)]
+    Blob(blob::BlobCommand),
+    /// Copy an image's blobs (layers, configs, manifests, SOCI indexes and zTOCs) to an S3 mirror,
+    /// skipping what is already there.
+    Mirror(blob::MirrorArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCommand {
+    /// Print the effective configuration (defaults + file + environment) as TOML.
+    Show,
+}
+
+/// What a command needs from the environment: the configuration and the known backends.
+pub struct CliContext {
+    pub config_path: Option<PathBuf>,
+    pub backends: BackendRegistry,
+}
+
+impl CliContext {
+    pub fn config(&self) -> anyhow::Result<Config> {
+        Ok(Config::load(self.config_path.as_deref())?)
+    }
+
+    /// A multi-threaded runtime for commands that talk to the network.
+    pub fn runtime(&self) -> anyhow::Result<tokio::runtime::Runtime> {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")
+    }
 }
 
 impl Cli {
-    /// Runs the parsed command.
-    pub fn run(self) -> anyhow::Result<()> {
+    /// Runs the parsed command with the given backends.
+    pub fn run_with(self, backends: BackendRegistry) -> anyhow::Result<()> {
+        let ctx = CliContext {
+            config_path: self.config,
+            backends,
+        };
         match self.command {
             Command::Ztoc(cmd) => cmd.run(),
+            Command::Config(ConfigCommand::Show) => {
+                let config = ctx.config()?;
+                // Building the backends validates every option, so `show` reports mistakes.
+                ctx.backends.build_fetchers(&config)?;
+                print!("{}", config.to_toml());
+                Ok(())
+            }
+            Command::Blob(cmd) => cmd.run(&ctx),
+            Command::Mirror(args) => args.run(&ctx),
+        }
+    }
+
+    /// Runs the parsed command with the built-in backends.
+    pub fn run(self) -> anyhow::Result<()> {
+        self.run_with(BackendRegistry::with_builtins())
+    }
+}
+
+/// The whole program: logging, arguments, backends, exit status. Custom builds call this with
+/// their own [`BackendRegistry`].
+pub fn main_with(backends: BackendRegistry) -> ExitCode {
+    use tracing_subscriber::EnvFilter;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("SOCI_STORE_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().run_with(backends) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("soci-store: error: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }
@@ -39,6 +122,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
         other => return Err(format!("unknown size unit {other:?} in {s:?}")),
     };
     n.checked_mul(mult)

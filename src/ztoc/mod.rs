@@ -21,7 +21,7 @@ mod zlib;
 use std::ops::Range;
 
 pub use builder::{build, BuildOptions};
-pub use reader::{BlobSource, LayerReader};
+pub use reader::{BlobSource, LayerReader, SpanSource};
 
 /// Default span size: 4 MiB of uncompressed data per span.
 pub const DEFAULT_SPAN_SIZE: u64 = 4 << 20;
@@ -65,6 +65,12 @@ pub enum ZtocError {
     HeaderMismatch { name: String, what: String },
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
+    /// The span source (fetchers, cache) failed.
+    #[error("reading span {span}: {source}")]
+    Source {
+        span: usize,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// The kind of a tar entry, as the zTOC spells it.

@@ -56,6 +56,29 @@ impl<T: BlobSource + ?Sized> BlobSource for Arc<T> {
     }
 }
 
+/// Where a [`LayerReader`] gets each span's verified compressed bytes. Any [`BlobSource`] is one
+/// (it reads the span's range and checks the digest); a caching, fetching stack is another.
+pub trait SpanSource: Send + Sync {
+    /// The compressed bytes of span `id`, checked against `ztoc.span_digests[id]`.
+    fn span_bytes(&self, ztoc: &Ztoc, id: usize) -> Result<bytes::Bytes>;
+}
+
+impl<T: BlobSource + ?Sized> SpanSource for T {
+    fn span_bytes(&self, ztoc: &Ztoc, id: usize) -> Result<bytes::Bytes> {
+        let span = ztoc.span(id);
+        let bytes = self.read_range(span.compressed.clone())?;
+        if bytes.len() as u64 != span.compressed.end - span.compressed.start {
+            return Err(ZtocError::CorruptLayer(format!(
+                "span {id}: source returned {} bytes for {:?}",
+                bytes.len(),
+                span.compressed
+            )));
+        }
+        verify_span(ztoc, id, &bytes)?;
+        Ok(bytes.into())
+    }
+}
+
 /// Checks a span's compressed bytes against its digest.
 pub fn verify_span(ztoc: &Ztoc, id: usize, bytes: &[u8]) -> Result<()> {
     let actual: [u8; 32] = Sha256::digest(bytes).into();
@@ -158,7 +181,7 @@ pub struct LayerReader<S> {
     header_checked: Vec<AtomicBool>,
 }
 
-impl<S: BlobSource> LayerReader<S> {
+impl<S: SpanSource> LayerReader<S> {
     /// A reader that inflates only what each read needs.
     pub fn new(ztoc: Arc<Ztoc>, source: S) -> Self {
         let n = ztoc.entries.len();
@@ -192,19 +215,13 @@ impl<S: BlobSource> LayerReader<S> {
         &self.ztoc
     }
 
-    /// Fetches span `id`'s compressed bytes and verifies them.
-    pub fn fetch_span(&self, id: usize) -> Result<Vec<u8>> {
-        let span = self.ztoc.span(id);
-        let bytes = self.source.read_range(span.compressed.clone())?;
-        if bytes.len() as u64 != span.compressed.end - span.compressed.start {
-            return Err(ZtocError::CorruptLayer(format!(
-                "span {id}: source returned {} bytes for {:?}",
-                bytes.len(),
-                span.compressed
-            )));
-        }
-        verify_span(&self.ztoc, id, &bytes)?;
-        Ok(bytes)
+    /// Span `id`'s verified compressed bytes.
+    pub fn fetch_span(&self, id: usize) -> Result<bytes::Bytes> {
+        self.source.span_bytes(&self.ztoc, id)
+    }
+
+    pub fn source(&self) -> &S {
+        &self.source
     }
 
     fn cached_span(&self, id: usize) -> Result<Option<Arc<[u8]>>> {

@@ -1,0 +1,118 @@
+//! The configuration file: which fetchers (in order) and which cache, with per-backend options.
+//!
+//! Sources, later ones winning: built-in defaults, `/etc/soci-store/config.toml` (or `--config`),
+//! and environment variables `SOCI_STORE_<KEY>` with `__` between levels (e.g.
+//! `SOCI_STORE_CACHE__TYPE=memory`).
+
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Where the configuration is read from unless `--config` says otherwise.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/soci-store/config.toml";
+
+/// A backend selected by `type`, with its own options.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BackendConfig {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(flatten)]
+    pub options: toml::Table,
+}
+
+impl BackendConfig {
+    pub fn new(kind: &str) -> Self {
+        BackendConfig {
+            kind: kind.to_string(),
+            options: toml::Table::new(),
+        }
+    }
+
+    pub fn with(mut self, key: &str, value: impl Into<toml::Value>) -> Self {
+        self.options.insert(key.to_string(), value.into());
+        self
+    }
+}
+
+/// The effective configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Tried in order; a blob missing from one is looked up in the next.
+    #[serde(default = "default_fetchers")]
+    pub fetchers: Vec<BackendConfig>,
+    /// Where verified span bytes are kept.
+    #[serde(default = "default_cache")]
+    pub cache: BackendConfig,
+}
+
+fn default_fetchers() -> Vec<BackendConfig> {
+    vec![BackendConfig::new("registry")]
+}
+
+fn default_cache() -> BackendConfig {
+    BackendConfig::new("tiered")
+        .with("memory_bytes", "512MiB")
+        .with("path", "/var/cache/soci-store")
+        .with("disk_bytes", "20GiB")
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            fetchers: default_fetchers(),
+            cache: default_cache(),
+        }
+    }
+}
+
+/// A configuration that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file {0} does not exist")]
+    Missing(PathBuf),
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Loads defaults, then the file (`path`, or the default path if it exists), then the
+    /// environment. An explicit path that does not exist is an error.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        match path {
+            Some(p) if !p.exists() => return Err(ConfigError::Missing(p.to_path_buf())),
+            Some(p) => fig = fig.merge(Toml::file_exact(p)),
+            None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
+                fig = fig.merge(Toml::file_exact(DEFAULT_CONFIG_PATH))
+            }
+            None => {}
+        }
+        fig = fig.merge(Env::prefixed("SOCI_STORE_").ignore(&["log"]).split("__"));
+        fig.extract().map_err(|e| {
+            let msgs: Vec<String> = e.into_iter().map(|e| e.to_string()).collect();
+            ConfigError::Invalid(msgs.join("; "))
+        })
+    }
+
+    /// The configuration as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("the config always serializes")
+    }
+}
+
+/// A byte size in config: an integer, or a string such as `"512MiB"`.
+pub fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        N(u64),
+        S(String),
+    }
+    match Size::deserialize(d)? {
+        Size::N(n) => Ok(n),
+        Size::S(s) => crate::cli::parse_size(&s).map_err(serde::de::Error::custom),
+    }
+}

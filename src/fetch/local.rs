@@ -1,0 +1,79 @@
+//! A local OCI image layout (`oci-layout`, `index.json`, `blobs/sha256/<hex>`), such as
+//! `skopeo copy … oci:DIR` writes.
+
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::{BlobLocator, FetchError, Fetcher};
+
+/// Reads blobs from an OCI layout directory.
+#[derive(Debug)]
+pub struct LocalFetcher {
+    root: PathBuf,
+}
+
+impl LocalFetcher {
+    /// Opens a layout; fails unless `root/oci-layout` exists.
+    pub fn new(root: impl Into<PathBuf>) -> Result<Self, FetchError> {
+        let root = root.into();
+        if !root.join("oci-layout").is_file() {
+            return Err(FetchError::Invalid(format!(
+                "{} is not an OCI image layout (no oci-layout file)",
+                root.display()
+            )));
+        }
+        Ok(LocalFetcher { root })
+    }
+
+    fn path(&self, blob: &BlobLocator) -> Result<PathBuf, FetchError> {
+        Ok(self.root.join("blobs/sha256").join(blob.hex()?))
+    }
+
+    fn open(&self, blob: &BlobLocator) -> Result<std::fs::File, FetchError> {
+        let path = self.path(blob)?;
+        std::fs::File::open(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                FetchError::NotFound(format!("{} in {}", blob.digest, self.root.display()))
+            }
+            _ => FetchError::Backend(format!("{}: {e}", path.display())),
+        })
+    }
+}
+
+#[async_trait]
+impl Fetcher for LocalFetcher {
+    fn name(&self) -> &str {
+        "local"
+    }
+
+    async fn blob_size(&self, blob: &BlobLocator) -> Result<u64, FetchError> {
+        let f = self.open(blob)?;
+        f.metadata()
+            .map(|m| m.len())
+            .map_err(|e| FetchError::Backend(e.to_string()))
+    }
+
+    async fn read_range(&self, blob: &BlobLocator, range: Range<u64>) -> Result<Bytes, FetchError> {
+        let f = self.open(blob)?;
+        let len = usize::try_from(range.end.saturating_sub(range.start))
+            .map_err(|_| FetchError::Invalid("range too large".into()))?;
+        let start = range.start;
+        tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; len];
+            f.read_exact_at(&mut buf, start)
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::UnexpectedEof => {
+                        FetchError::Invalid(format!("range {range:?} past the end of the blob"))
+                    }
+                    _ => FetchError::Backend(e.to_string()),
+                })?;
+            Ok(Bytes::from(buf))
+        })
+        .await
+        .map_err(|e| FetchError::Backend(e.to_string()))?
+    }
+}

@@ -1,0 +1,225 @@
+//! Fetchers: where compressed layer bytes come from (an OCI registry, an S3 mirror, a local OCI
+//! layout, or a backend from another crate), tried in the configured order.
+
+pub mod auth;
+pub mod local;
+pub mod registry;
+pub mod s3;
+
+use std::fmt;
+use std::ops::Range;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::reference::Reference;
+
+/// Which blob: the repository it belongs to and its digest.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct BlobLocator {
+    pub reference: Reference,
+    /// `sha256:<hex>`.
+    pub digest: String,
+}
+
+impl BlobLocator {
+    pub fn new(reference: Reference, digest: impl Into<String>) -> Self {
+        BlobLocator {
+            reference,
+            digest: digest.into(),
+        }
+    }
+
+    /// The hex part of the digest (validated when the locator is used for a path).
+    pub fn hex(&self) -> Result<&str, FetchError> {
+        self.digest
+            .strip_prefix("sha256:")
+            .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .ok_or_else(|| FetchError::Invalid(format!("not a sha256 digest: {:?}", self.digest)))
+    }
+}
+
+impl fmt::Display for BlobLocator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.reference.name(), self.digest)
+    }
+}
+
+/// Why a fetch failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The backend does not have the blob: the next fetcher is tried.
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
+    #[error("HTTP {status} from {url}: {message}")]
+    Http {
+        status: u16,
+        url: String,
+        message: String,
+    },
+    /// Bytes that do not match their digest or expected length: never served.
+    #[error("integrity failure: {0}")]
+    Integrity(String),
+    #[error("timed out: {0}")]
+    Timeout(String),
+    #[error("connection failed: {0}")]
+    Connection(String),
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Backend(String),
+}
+
+impl FetchError {
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, FetchError::NotFound(_))
+    }
+}
+
+/// A source of blob bytes. Implementations must return exactly the bytes asked for.
+#[async_trait]
+pub trait Fetcher: Send + Sync + fmt::Debug {
+    /// A short name for logs and errors (usually the configured `type`).
+    fn name(&self) -> &str;
+
+    /// The blob's size in bytes.
+    async fn blob_size(&self, blob: &BlobLocator) -> Result<u64, FetchError>;
+
+    /// Bytes `[range.start, range.end)` of the blob.
+    async fn read_range(&self, blob: &BlobLocator, range: Range<u64>) -> Result<Bytes, FetchError>;
+
+    /// Several ranges: adjacent or overlapping ones are merged into one request, and the requests
+    /// run concurrently.
+    async fn read_ranges(
+        &self,
+        blob: &BlobLocator,
+        ranges: &[Range<u64>],
+    ) -> Result<Vec<Bytes>, FetchError> {
+        let groups = coalesce(ranges);
+        let fetched = futures::future::try_join_all(
+            groups.iter().map(|(r, _)| self.read_range(blob, r.clone())),
+        )
+        .await?;
+        Ok(split_coalesced(ranges, &groups, &fetched))
+    }
+}
+
+/// Merges ranges that touch or overlap (spans overlap by one byte). Returns each merged range
+/// with the indices of the input ranges it serves.
+pub fn coalesce(ranges: &[Range<u64>]) -> Vec<(Range<u64>, Vec<usize>)> {
+    let mut order: Vec<usize> = (0..ranges.len()).collect();
+    order.sort_by_key(|&i| ranges[i].start);
+    let mut out: Vec<(Range<u64>, Vec<usize>)> = Vec::new();
+    for i in order {
+        let r = &ranges[i];
+        match out.last_mut() {
+            Some((cur, members)) if r.start <= cur.end => {
+                cur.end = cur.end.max(r.end);
+                members.push(i);
+            }
+            _ => out.push((r.clone(), vec![i])),
+        }
+    }
+    out
+}
+
+fn split_coalesced(
+    ranges: &[Range<u64>],
+    groups: &[(Range<u64>, Vec<usize>)],
+    fetched: &[Bytes],
+) -> Vec<Bytes> {
+    let mut out = vec![Bytes::new(); ranges.len()];
+    for ((g, members), data) in groups.iter().zip(fetched) {
+        for &i in members {
+            let r = &ranges[i];
+            out[i] = data.slice((r.start - g.start) as usize..(r.end - g.start) as usize);
+        }
+    }
+    out
+}
+
+/// Fetchers tried in order: a miss (not found) in one falls through to the next; any other error
+/// is reported.
+#[derive(Debug, Clone)]
+pub struct FetcherChain {
+    fetchers: Vec<Arc<dyn Fetcher>>,
+}
+
+impl FetcherChain {
+    pub fn new(fetchers: Vec<Arc<dyn Fetcher>>) -> Self {
+        FetcherChain { fetchers }
+    }
+
+    pub fn fetchers(&self) -> &[Arc<dyn Fetcher>] {
+        &self.fetchers
+    }
+
+    async fn first_hit<'a, T, F>(&'a self, blob: &BlobLocator, f: F) -> Result<T, FetchError>
+    where
+        F: Fn(&'a Arc<dyn Fetcher>) -> futures::future::BoxFuture<'a, Result<T, FetchError>>,
+    {
+        let mut misses = Vec::new();
+        for fetcher in &self.fetchers {
+            match f(fetcher).await {
+                Err(FetchError::NotFound(m)) => {
+                    tracing::debug!(fetcher = fetcher.name(), %blob, "miss: {m}");
+                    misses.push(format!("{}: {m}", fetcher.name()));
+                }
+                other => return other,
+            }
+        }
+        Err(FetchError::NotFound(if misses.is_empty() {
+            format!("{blob}: no fetchers configured")
+        } else {
+            format!("{blob} ({})", misses.join("; "))
+        }))
+    }
+
+    /// The blob's size from the first fetcher that has it.
+    pub async fn blob_size(&self, blob: &BlobLocator) -> Result<u64, FetchError> {
+        self.first_hit(blob, |f| f.blob_size(blob)).await
+    }
+
+    /// Ranges from the first fetcher that has the blob.
+    pub async fn read_ranges(
+        &self,
+        blob: &BlobLocator,
+        ranges: &[Range<u64>],
+    ) -> Result<Vec<Bytes>, FetchError> {
+        self.first_hit(blob, |f| f.read_ranges(blob, ranges)).await
+    }
+
+    pub async fn read_range(
+        &self,
+        blob: &BlobLocator,
+        range: Range<u64>,
+    ) -> Result<Bytes, FetchError> {
+        self.first_hit(blob, |f| f.read_range(blob, range.clone()))
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coalesces_touching_and_overlapping_ranges() {
+        let ranges = [10..20, 0..5, 19..30, 5..8, 40..50];
+        let groups = coalesce(&ranges);
+        let merged: Vec<_> = groups.iter().map(|(r, _)| r.clone()).collect();
+        assert_eq!(merged, vec![0..8, 10..30, 40..50]);
+        let blob: Vec<u8> = (0..60u8).collect();
+        let fetched: Vec<Bytes> = merged
+            .iter()
+            .map(|r| Bytes::copy_from_slice(&blob[r.start as usize..r.end as usize]))
+            .collect();
+        let parts = split_coalesced(&ranges, &groups, &fetched);
+        for (r, p) in ranges.iter().zip(parts) {
+            assert_eq!(&p[..], &blob[r.start as usize..r.end as usize]);
+        }
+    }
+}

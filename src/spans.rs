@@ -1,0 +1,158 @@
+//! The stack under the span reader: cache first, then the fetchers, one fetch per missing span
+//! however many readers want it, and every fetched span verified before it is cached or served.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::sync::OnceCell;
+
+use crate::cache::{SpanCache, SpanKey};
+use crate::fetch::{BlobLocator, FetchError, FetcherChain};
+use crate::ztoc::reader::{verify_span, SpanSource};
+use crate::ztoc::{Ztoc, ZtocError};
+
+type Flight = Arc<OnceCell<Result<Bytes, Arc<FetchError>>>>;
+
+/// Cache + fetchers with single-flight fetching.
+#[derive(Debug)]
+pub struct SpanStore {
+    fetchers: FetcherChain,
+    cache: Arc<dyn SpanCache>,
+    inflight: Mutex<HashMap<SpanKey, Flight>>,
+}
+
+impl SpanStore {
+    pub fn new(fetchers: FetcherChain, cache: Arc<dyn SpanCache>) -> Self {
+        SpanStore {
+            fetchers,
+            cache,
+            inflight: Mutex::default(),
+        }
+    }
+
+    pub fn cache(&self) -> &Arc<dyn SpanCache> {
+        &self.cache
+    }
+
+    pub fn fetchers(&self) -> &FetcherChain {
+        &self.fetchers
+    }
+
+    /// A cached span, without touching the network.
+    pub fn cached(&self, blob: &BlobLocator, id: usize) -> Option<Bytes> {
+        self.cache.get(&SpanKey::new(&blob.digest, id))
+    }
+
+    /// Span `id` of `blob`, verified: from the cache, or fetched once for all concurrent callers.
+    pub async fn span(
+        &self,
+        blob: &BlobLocator,
+        ztoc: &Ztoc,
+        id: usize,
+    ) -> Result<Bytes, Arc<FetchError>> {
+        let key = SpanKey::new(&blob.digest, id);
+        if let Some(b) = self.cache.get(&key) {
+            return Ok(b);
+        }
+        let flight: Flight = self
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let result = flight
+            .get_or_init(|| async {
+                self.fetch_verified(blob, ztoc, id, &key)
+                    .await
+                    .map_err(Arc::new)
+            })
+            .await
+            .clone();
+        let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        if inflight.get(&key).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
+            inflight.remove(&key);
+        }
+        result
+    }
+
+    async fn fetch_verified(
+        &self,
+        blob: &BlobLocator,
+        ztoc: &Ztoc,
+        id: usize,
+        key: &SpanKey,
+    ) -> Result<Bytes, FetchError> {
+        let range = ztoc.span(id).compressed;
+        let mut last = None;
+        // One more try on a digest mismatch: a proxy or connection may have altered the bytes.
+        for _ in 0..2 {
+            let data = self.fetchers.read_range(blob, range.clone()).await?;
+            match verify_span(ztoc, id, &data) {
+                Ok(()) => {
+                    self.cache.put(key, data.clone());
+                    return Ok(data);
+                }
+                Err(e) => {
+                    tracing::warn!(%blob, span = id, "fetched span failed verification: {e}");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(FetchError::Integrity(format!(
+            "{blob} span {id}: {}",
+            last.map(|e| e.to_string()).unwrap_or_default()
+        )))
+    }
+}
+
+/// One layer served through a [`SpanStore`] to synchronous readers (FUSE threads, the CLI):
+/// cache hits are answered on the caller's thread; misses block on the runtime.
+#[derive(Debug, Clone)]
+pub struct RemoteLayer {
+    store: Arc<SpanStore>,
+    blob: BlobLocator,
+    runtime: tokio::runtime::Handle,
+}
+
+impl RemoteLayer {
+    /// `runtime` must not be driven by the calling thread (use it from non-runtime threads).
+    pub fn new(store: Arc<SpanStore>, blob: BlobLocator, runtime: tokio::runtime::Handle) -> Self {
+        RemoteLayer {
+            store,
+            blob,
+            runtime,
+        }
+    }
+
+    pub fn blob(&self) -> &BlobLocator {
+        &self.blob
+    }
+}
+
+impl SpanSource for RemoteLayer {
+    fn span_bytes(&self, ztoc: &Ztoc, id: usize) -> Result<Bytes, ZtocError> {
+        if let Some(b) = self.store.cached(&self.blob, id) {
+            return Ok(b);
+        }
+        self.runtime
+            .block_on(self.store.span(&self.blob, ztoc, id))
+            .map_err(|e| ZtocError::Source {
+                span: id,
+                source: Box::new(ArcError(e)),
+            })
+    }
+}
+
+/// Lets a shared fetch error be a boxed error source.
+#[derive(Debug)]
+struct ArcError(Arc<FetchError>);
+
+impl std::fmt::Display for ArcError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for ArcError {}
