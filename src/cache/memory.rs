@@ -159,7 +159,7 @@ mod tests {
             c.put(&k(i), Bytes::from(vec![i as u8; 999]));
             assert!(c.used_bytes() <= 10_000);
         }
-        assert_eq!(c.used_bytes(), 9 * 999);
+        assert_eq!(c.used_bytes(), 10 * 999);
         assert_eq!(c.get(&k(99)).unwrap()[0], 99);
         assert!(c.get(&k(0)).is_none());
         c.put(&k(1000), Bytes::from(vec![0; 20_000]));

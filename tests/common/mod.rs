@@ -273,3 +273,18 @@ pub fn fixtures() -> PathBuf {
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/upstream-ztoc")
         })
 }
+
+pub mod servers;
+
+/// A gzip layer of a few MB with its zTOC (256 KiB spans) and the files it holds.
+pub fn test_layer() -> (Vec<u8>, Vec<u8>, soci_store::ztoc::Ztoc, Vec<Expected>) {
+    let (tar, expected) = edge_layer(2_500_000);
+    let gz = gzip(&tar, 6, 1);
+    let opts = soci_store::ztoc::BuildOptions {
+        span_size: 256 << 10,
+        min_layer_size: 0,
+        ..Default::default()
+    };
+    let z = soci_store::ztoc::build(&gz[..], &opts, &mut |_| {}).unwrap();
+    (tar, gz, z, expected)
+}
