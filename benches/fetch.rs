@@ -79,24 +79,45 @@ fn main() {
         }
     };
     let digest = format!("sha256:{}", hex::encode(Sha256::digest(&blob)));
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let _reg = start_registry(port);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let base = format!("http://127.0.0.1:{port}");
     rt.block_on(async {
         let http = reqwest::Client::new();
-        let resp = http.post(format!("{base}/v2/bench/blob/blobs/uploads/")).send().await.unwrap();
+        let resp = http
+            .post(format!("{base}/v2/bench/blob/blobs/uploads/"))
+            .send()
+            .await
+            .unwrap();
         let loc = resp.headers()["location"].to_str().unwrap().to_string();
-        let url = if loc.starts_with("http") { loc } else { format!("{base}{loc}") };
+        let url = if loc.starts_with("http") {
+            loc
+        } else {
+            format!("{base}{loc}")
+        };
         let sep = if url.contains('?') { '&' } else { '?' };
-        let resp = http.put(format!("{url}{sep}digest={digest}")).body(blob.clone()).send().await.unwrap();
+        let resp = http
+            .put(format!("{url}{sep}digest={digest}"))
+            .body(blob.clone())
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.status().as_u16(), 201);
     });
     let mb = blob.len() as f64 / 1e6;
     let url = format!("{base}/v2/bench/blob/blobs/{digest}");
 
     let (t_curl, ()) = best(3, || {
-        let ok = Command::new("curl").args(["-sf", "-o", "/dev/null", &url]).status().unwrap().success();
+        let ok = Command::new("curl")
+            .args(["-sf", "-o", "/dev/null", &url])
+            .status()
+            .unwrap()
+            .success();
         assert!(ok, "curl failed");
     });
 
@@ -109,14 +130,19 @@ fn main() {
         })
         .unwrap(),
     );
-    let loc = BlobLocator::new(Reference::parse(&format!("127.0.0.1:{port}/bench/blob:x")).unwrap(), &digest);
+    let loc = BlobLocator::new(
+        Reference::parse(&format!("127.0.0.1:{port}/bench/blob:x")).unwrap(),
+        &digest,
+    );
     let n = blob.len() as u64;
     let (t_whole, ()) = best(3, || {
         let data = rt.block_on(f.read_range(&loc, 0..n)).unwrap();
         assert_eq!(data.len() as u64, n);
     });
     let span = 4u64 << 20;
-    let ranges: Vec<_> = (0..n.div_ceil(span)).map(|i| i * span..((i + 1) * span).min(n)).collect();
+    let ranges: Vec<_> = (0..n.div_ceil(span))
+        .map(|i| i * span..((i + 1) * span).min(n))
+        .collect();
     let (t_spans, ()) = best(3, || {
         let f = f.clone();
         let loc = loc.clone();

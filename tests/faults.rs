@@ -28,6 +28,8 @@ enum Fault {
     AlterByte,
     Truncate,
     Stall,
+    /// Forwards without the Range header: the registry answers 200 with the whole blob.
+    IgnoreRange,
 }
 
 /// Applies queued faults to blob requests, in order; `always` once the queue is empty.
@@ -97,6 +99,7 @@ async fn handle(mut client: TcpStream, upstream: u16, plan: Arc<Mutex<Plan>>) {
     let mut req: Vec<String> = text
         .split("\r\n")
         .filter(|l| !l.is_empty() && !l.to_ascii_lowercase().starts_with("connection:"))
+        .filter(|l| fault != Fault::IgnoreRange || !l.to_ascii_lowercase().starts_with("range:"))
         .map(String::from)
         .collect();
     req.push("Connection: close".into());
@@ -268,6 +271,14 @@ async fn persistent_faults_fail_within_the_deadline() {
             "{always:?}: {err}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_registry_that_ignores_range_is_cut_to_the_range() {
+    let s = setup().await;
+    let (result, _, requests) = read_span(&s, Fault::IgnoreRange, &[]).await;
+    assert!(result.unwrap()[..] == *expected(&s));
+    assert_eq!(requests, 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]
