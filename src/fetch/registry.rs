@@ -484,7 +484,8 @@ impl RegistryClient {
     }
 
     /// Bytes `range` of a blob. A registry that ignores Range (200) is streamed and cut, never
-    /// buffered whole; a whole-blob read is checked against the digest.
+    /// buffered whole. Content is not verified here: spans are checked against their digests by
+    /// the span store, whole blobs by their readers.
     pub async fn blob_range(
         &self,
         blob: &BlobLocator,
@@ -512,11 +513,6 @@ impl RegistryClient {
                 )
                 .await?;
             let partial = resp.status() == StatusCode::PARTIAL_CONTENT;
-            let total = if partial {
-                content_range_total(resp.headers())
-            } else {
-                resp.content_length()
-            };
             let skip = if partial {
                 let start = content_range_start(resp.headers());
                 if start != Some(range.start) {
@@ -535,15 +531,6 @@ impl RegistryClient {
                     continue;
                 }
             };
-            // A read of the whole blob can be checked against its digest.
-            if range.start == 0 && total == Some(range.end) {
-                let actual = format!("sha256:{}", hex::encode(Sha256::digest(&data)));
-                if actual != blob.digest {
-                    let e = FetchError::Integrity(format!("{blob}: content has digest {actual}"));
-                    retry.wait(e, None).await?;
-                    continue;
-                }
-            }
             return Ok(data);
         }
     }
@@ -674,7 +661,13 @@ async fn read_body(
 ) -> Result<Bytes, FetchError> {
     let url = resp.url().to_string();
     let exact = resp.status() == StatusCode::PARTIAL_CONTENT;
-    let mut out = BytesMut::with_capacity(want.min(64 << 20) as usize);
+    // For ranges `want` is the caller's request (spans are bounded when their zTOC is loaded);
+    // bodies of unknown length (manifests, tokens) grow as they arrive.
+    let mut out = BytesMut::with_capacity(if require_all {
+        want
+    } else {
+        want.min(64 << 10)
+    } as usize);
     while (out.len() as u64) < want {
         let chunk = match resp.chunk().await.map_err(transport_error)? {
             Some(c) => c,
