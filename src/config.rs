@@ -46,6 +46,13 @@ pub struct Config {
     /// Where verified span bytes are kept.
     #[serde(default = "default_cache")]
     pub cache: BackendConfig,
+    /// The local artifact store: SOCI indexes and zTOCs built or fetched.
+    #[serde(default = "default_artifacts")]
+    pub artifacts: PathBuf,
+}
+
+fn default_artifacts() -> PathBuf {
+    PathBuf::from("/var/lib/soci-store/artifacts")
 }
 
 fn default_fetchers() -> Vec<BackendConfig> {
@@ -64,6 +71,7 @@ impl Default for Config {
         Config {
             fetchers: default_fetchers(),
             cache: default_cache(),
+            artifacts: default_artifacts(),
         }
     }
 }

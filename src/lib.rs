@@ -12,6 +12,7 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod fetch;
+pub mod index;
 pub mod reference;
 pub mod spans;
 pub mod ztoc;

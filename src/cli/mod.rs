@@ -1,6 +1,7 @@
 //! The `soci-store` command line.
 
 mod blob;
+mod index;
 mod ztoc;
 
 use std::path::PathBuf;
@@ -37,6 +38,13 @@ enum Command {
     /// Copy an image's blobs (layers, configs, manifests, SOCI indexes and zTOCs) to an S3 mirror,
     /// skipping what is already there.
     Mirror(blob::MirrorArgs),
+    /// Make a SOCI-enabled image (index manifest v2): zTOCs, SOCI index, annotated manifests.
+    Convert(index::ConvertArgs),
+    /// Make a SOCI index (v1) for an image and push it beside it (referrers API or fallback tag).
+    Create(index::CreateArgs),
+    /// SOCI indexes in the local artifact store, and discovery.
+    #[command(subcommand)]
+    Index(index::IndexCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -83,6 +91,9 @@ impl Cli {
             }
             Command::Blob(cmd) => cmd.run(&ctx),
             Command::Mirror(args) => args.run(&ctx),
+            Command::Convert(args) => args.run(&ctx),
+            Command::Create(args) => args.run(&ctx),
+            Command::Index(cmd) => cmd.run(&ctx),
         }
     }
 

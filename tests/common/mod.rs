@@ -171,6 +171,15 @@ impl TarWriter {
         });
     }
 
+    /// Appends a prepared header (mode, type) under `name` with data.
+    pub fn raw(&mut self, h: &mut Header, name: &str, data: &[u8]) {
+        self.b.append_data(h, name, data).unwrap();
+        self.expected.push(Expected {
+            name: name.as_bytes().to_vec(),
+            data: data.to_vec(),
+        });
+    }
+
     pub fn device(&mut self, name: &str, kind: EntryType, major: u32, minor: u32) {
         let mut h = header(kind, 0o644, 0);
         h.set_device_major(major).unwrap();
@@ -288,3 +297,71 @@ pub fn test_layer() -> (Vec<u8>, Vec<u8>, soci_store::ztoc::Ztoc, Vec<Expected>)
     let z = soci_store::ztoc::build(&gz[..], &opts, &mut |_| {}).unwrap();
     (tar, gz, z, expected)
 }
+
+/// A three-layer image for index and store tests: two layers above 10 MiB compressed (random
+/// data), with whiteouts, an opaque directory, xattrs, hardlinks, symlinks, a setuid file and a
+/// file spanning many spans, and one small layer holding busybox. Returns (tar, gzip) per layer.
+pub fn soci_test_image() -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut base = TarWriter::new();
+    base.dir("./");
+    base.dir("./etc/");
+    base.file("./etc/hello.txt", b"hello from the base layer\n");
+    base.file("./etc/gone.txt", b"deleted by the top layer\n");
+    base.dir("./data/");
+    base.file("./data/big-random.bin", &random_bytes(12 << 20, 11));
+    base.file("./data/text.txt", &text_bytes(3 << 20, 12));
+    base.hardlink("./data/text-hardlink.txt", "./data/text.txt");
+    base.symlink("./etc/hello-link", "hello.txt");
+    base.pax_file(
+        b"./etc/xattr.txt",
+        "./etc/xattr.txt",
+        &[("SCHILY.xattr.user.soci", b"yes")],
+        b"has an xattr\n",
+    );
+    base.dir("./opaque/");
+    base.file("./opaque/old.txt", b"hidden by the opaque dir above\n");
+    {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o4755);
+        h.set_size(7);
+        h.set_mtime(1_700_000_000);
+        base.raw(&mut h, "./bin/suid", b"#suid!\n");
+    }
+    let (base_tar, _) = base.finish();
+
+    let mut top = TarWriter::new();
+    top.dir("./");
+    top.dir("./etc/");
+    top.file("./etc/.wh.gone.txt", b"");
+    top.dir("./opaque/");
+    top.file("./opaque/.wh..wh..opq", b"");
+    top.file("./opaque/new.txt", b"the only file in the opaque dir\n");
+    top.dir("./more/");
+    top.file("./more/random2.bin", &random_bytes(11 << 20, 13));
+    let (top_tar, _) = top.finish();
+
+    let mut small = TarWriter::new();
+    small.dir("./");
+    small.dir("./bin/");
+    let busybox = std::fs::read("/bin/busybox").expect("busybox-static (installed by .ci/run)");
+    {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o755);
+        h.set_size(busybox.len() as u64);
+        h.set_mtime(1_700_000_000);
+        small.raw(&mut h, "./bin/busybox", &busybox);
+    }
+    small.symlink("./bin/sh", "busybox");
+    let (small_tar, _) = small.finish();
+
+    [base_tar, top_tar, small_tar]
+        .into_iter()
+        .map(|t| {
+            let gz = gzip(&t, 6, 1);
+            (t, gz)
+        })
+        .collect()
+}
+pub mod podman;

@@ -1,0 +1,324 @@
+//! `soci-store convert`, `create`, and `index …`: making and finding SOCI indexes.
+
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use std::io::IsTerminal;
+
+use super::{parse_size, CliContext};
+use crate::fetch::registry::{RegistryClient, RegistryOptions};
+use crate::index::convert::{self, ConvertOptions, LayerReport, Platforms, Progress};
+use crate::index::image::{Endpoint, ImageRef};
+use crate::index::{discover, ArtifactStore, Platform};
+use crate::reference::Reference;
+
+#[derive(Args, Debug)]
+pub struct BuildArgs {
+    /// Convert this platform (os/arch[/variant]); repeatable. Default: the host's.
+    #[arg(long = "platform")]
+    platforms: Vec<String>,
+    /// Convert every platform of a multi-platform image.
+    #[arg(long, conflicts_with = "platforms")]
+    all_platforms: bool,
+    #[arg(long, default_value = "4MiB", value_parser = parse_size)]
+    span_size: u64,
+    /// Smaller layers are not indexed (podman pulls them normally).
+    #[arg(long, default_value = "10MiB", value_parser = parse_size)]
+    min_layer_size: u64,
+    /// Layers processed at once.
+    #[arg(long, default_value_t = 3)]
+    jobs: usize,
+    /// No progress or summary; errors only.
+    #[arg(long, conflicts_with = "json")]
+    quiet: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl BuildArgs {
+    fn options(&self, podman_annotations: bool) -> Result<ConvertOptions> {
+        let platforms = if self.all_platforms {
+            Platforms::All
+        } else if self.platforms.is_empty() {
+            Platforms::Host
+        } else {
+            Platforms::These(
+                self.platforms
+                    .iter()
+                    .map(|p| Platform::parse(p))
+                    .collect::<Result<_, _>>()?,
+            )
+        };
+        Ok(ConvertOptions {
+            span_size: self.span_size,
+            min_layer_size: self.min_layer_size,
+            platforms,
+            podman_annotations,
+            concurrency: self.jobs.max(1),
+        })
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct ConvertArgs {
+    /// Source image: a registry reference or oci:DIR[:tag].
+    src: String,
+    /// Destination: a registry reference or oci:DIR[:tag].
+    dst: String,
+    /// Leave out the layer TOC annotation podman >= 5.1 needs.
+    #[arg(long)]
+    no_podman_annotations: bool,
+    #[command(flatten)]
+    build: BuildArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct CreateArgs {
+    /// The image (registry reference) to index.
+    image: String,
+    #[command(flatten)]
+    build: BuildArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum IndexCommand {
+    /// List the SOCI indexes in the local artifact store.
+    Ls,
+    /// Show one stored SOCI index (its manifest and what it indexes).
+    Info { digest: String },
+    /// Find the SOCI index of an image in its registry (and keep it in the store).
+    Discover {
+        image: String,
+        /// os/arch[/variant]; default: the host's.
+        #[arg(long)]
+        platform: Option<String>,
+    },
+}
+
+/// Per-layer progress bars on a terminal.
+struct Bars {
+    multi: indicatif::MultiProgress,
+    bars: Mutex<Vec<(String, indicatif::ProgressBar)>>,
+}
+
+impl Progress for Bars {
+    fn layer_started(&self, layer: &str, size: u64) {
+        let bar = self.multi.add(indicatif::ProgressBar::new(size));
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+            )
+            .expect("static template")
+            .progress_chars("=> "),
+        );
+        bar.set_message(layer.get(7..19).unwrap_or(layer).to_string());
+        self.bars
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((layer.to_string(), bar));
+    }
+    fn layer_bytes(&self, layer: &str, done: u64) {
+        if let Some((_, b)) = self
+            .bars
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|(l, _)| l == layer)
+        {
+            b.set_position(done);
+        }
+    }
+    fn layer_done(&self, r: &LayerReport) {
+        if let Some((_, b)) = self
+            .bars
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|(l, _)| *l == r.digest)
+        {
+            b.finish_with_message(format!(
+                "{} {}",
+                r.digest.get(7..19).unwrap_or(&r.digest),
+                summary(r)
+            ));
+        }
+    }
+}
+
+/// One line per finished layer when stderr is not a terminal.
+struct Lines;
+
+impl Progress for Lines {
+    fn layer_done(&self, r: &LayerReport) {
+        eprintln!("{} {}", r.digest, summary(r));
+    }
+}
+
+fn summary(r: &LayerReport) -> String {
+    match &r.ztoc {
+        Some(z) => format!(
+            "indexed: zTOC {z}, {} spans{}",
+            r.spans,
+            if r.note.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", r.note)
+            }
+        ),
+        None => format!("not indexed: {}", r.note),
+    }
+}
+
+fn progress(build: &BuildArgs) -> Box<dyn Progress> {
+    if build.quiet || build.json {
+        Box::new(convert::Quiet)
+    } else if std::io::stderr().is_terminal() {
+        Box::new(Bars {
+            multi: indicatif::MultiProgress::new(),
+            bars: Mutex::new(Vec::new()),
+        })
+    } else {
+        Box::new(Lines)
+    }
+}
+
+fn client(ctx: &CliContext) -> Result<Arc<RegistryClient>> {
+    let config = ctx.config()?;
+    let opts = match config.fetchers.iter().find(|f| f.kind == "registry") {
+        Some(b) => crate::backends::parse_options(&b.options)?,
+        None => RegistryOptions::default(),
+    };
+    Ok(Arc::new(RegistryClient::new(opts)?))
+}
+
+fn store(ctx: &CliContext) -> Result<ArtifactStore> {
+    let dir = ctx.config()?.artifacts;
+    ArtifactStore::open(&dir)
+        .with_context(|| format!("opening the artifact store {}", dir.display()))
+}
+
+fn print_report(report: &convert::ConvertReport, build: &BuildArgs, what: &str) -> Result<()> {
+    if build.json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else if !build.quiet {
+        for p in &report.platforms {
+            let indexed = p.layers.iter().filter(|l| l.ztoc.is_some()).count();
+            println!(
+                "{}: image manifest {}, SOCI index {} ({indexed} of {} layers indexed)",
+                p.platform,
+                p.image_manifest,
+                p.soci_index,
+                p.layers.len()
+            );
+        }
+        if let Some(i) = &report.index {
+            println!("{what} {i}");
+        }
+    }
+    Ok(())
+}
+
+impl ConvertArgs {
+    pub fn run(self, ctx: &CliContext) -> Result<()> {
+        let client = client(ctx)?;
+        let src = Endpoint::new(ImageRef::parse(&self.src)?, client.clone());
+        let dst = Endpoint::new(ImageRef::parse(&self.dst)?, client);
+        let opts = self.build.options(!self.no_podman_annotations)?;
+        let store = store(ctx)?;
+        let progress = progress(&self.build);
+        let report = ctx
+            .runtime()?
+            .block_on(convert::convert(
+                &src,
+                &dst,
+                &opts,
+                Some(&store),
+                progress.as_ref(),
+            ))
+            .with_context(|| format!("converting {} to {}", self.src, self.dst))?;
+        print_report(&report, &self.build, "image index")
+    }
+}
+
+impl CreateArgs {
+    pub fn run(self, ctx: &CliContext) -> Result<()> {
+        let client = client(ctx)?;
+        let image = Endpoint::new(ImageRef::Registry(Reference::parse(&self.image)?), client);
+        let opts = self.build.options(false)?;
+        let store = store(ctx)?;
+        let progress = progress(&self.build);
+        let report = ctx
+            .runtime()?
+            .block_on(convert::create(
+                &image,
+                &opts,
+                Some(&store),
+                progress.as_ref(),
+            ))
+            .with_context(|| format!("creating a SOCI index for {}", self.image))?;
+        print_report(&report, &self.build, "fallback tag index")
+    }
+}
+
+impl IndexCommand {
+    pub fn run(self, ctx: &CliContext) -> Result<()> {
+        match self {
+            IndexCommand::Ls => {
+                let store = store(ctx)?;
+                println!(
+                    "{:<73} {:<3} {:<7} {:>5} {:<12} IMAGE",
+                    "INDEX", "V", "ORIGIN", "ZTOCS", "PLATFORM"
+                );
+                for r in store.indexes()? {
+                    println!(
+                        "{:<73} {:<3} {:<7} {:>5} {:<12} {}",
+                        r.digest, r.kind, r.origin, r.ztocs, r.platform, r.image
+                    );
+                }
+                Ok(())
+            }
+            IndexCommand::Info { digest } => {
+                let store = store(ctx)?;
+                let data = store
+                    .get(&digest)?
+                    .with_context(|| format!("{digest} is not in the artifact store"))?;
+                let v: serde_json::Value = serde_json::from_slice(&data)?;
+                if let Some(rec) = store.index_record(&digest)? {
+                    eprintln!(
+                        "{} index of {} ({}), image manifest {}",
+                        rec.kind, rec.image, rec.platform, rec.image_manifest
+                    );
+                }
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                Ok(())
+            }
+            IndexCommand::Discover { image, platform } => {
+                let client = client(ctx)?;
+                let store = store(ctx)?;
+                let r = Reference::parse(&image)?;
+                let platform = match platform {
+                    Some(p) => Platform::parse(&p)?,
+                    None => Platform::host(),
+                };
+                let found =
+                    ctx.runtime()?
+                        .block_on(discover(&client, Some(&store), &r, &platform))?;
+                match found {
+                    Some(d) => {
+                        println!(
+                            "{} {:?} index for image manifest {} ({} zTOCs)",
+                            d.index_digest,
+                            d.kind,
+                            d.image_manifest_digest,
+                            d.index.layers.len()
+                        );
+                        Ok(())
+                    }
+                    None => anyhow::bail!("{r} has no SOCI index (it is pulled normally)"),
+                }
+            }
+        }
+    }
+}

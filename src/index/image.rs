@@ -1,0 +1,332 @@
+//! Where images are read from and written to: a registry repository or an OCI layout directory
+//! (`oci:DIR[:tag]`).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use serde_json::Value;
+
+use super::{declared_media_type, sha256_digest, IndexError, MANIFEST_TYPES, MT_OCI_INDEX};
+use crate::fetch::registry::RegistryClient;
+use crate::fetch::{BlobLocator, FetchError};
+use crate::reference::Reference;
+
+const REF_NAME: &str = "org.opencontainers.image.ref.name";
+
+/// An image location.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ImageRef {
+    Registry(Reference),
+    Layout { dir: PathBuf, tag: Option<String> },
+}
+
+impl ImageRef {
+    /// `oci:DIR[:tag]` or a registry reference.
+    pub fn parse(s: &str) -> Result<ImageRef, IndexError> {
+        if let Some(rest) = s.strip_prefix("oci:") {
+            let (dir, tag) = match rest.rsplit_once(':') {
+                Some((d, t)) if !t.contains('/') && !t.is_empty() => (d, Some(t.to_string())),
+                _ => (rest, None),
+            };
+            if dir.is_empty() {
+                return Err(IndexError::Other(format!("{s:?}: no directory")));
+            }
+            return Ok(ImageRef::Layout {
+                dir: PathBuf::from(dir),
+                tag,
+            });
+        }
+        Reference::parse(s)
+            .map(ImageRef::Registry)
+            .map_err(|e| IndexError::Other(e.to_string()))
+    }
+}
+
+impl std::fmt::Display for ImageRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ImageRef::Registry(r) => write!(f, "{r}"),
+            ImageRef::Layout { dir, tag: Some(t) } => write!(f, "oci:{}:{t}", dir.display()),
+            ImageRef::Layout { dir, tag: None } => write!(f, "oci:{}", dir.display()),
+        }
+    }
+}
+
+/// An image location with the client to reach it.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    pub image: ImageRef,
+    pub client: Arc<RegistryClient>,
+}
+
+/// How a blob reached the destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Copied {
+    AlreadyThere,
+    Mounted,
+    Uploaded,
+}
+
+fn io(e: std::io::Error, what: &Path) -> IndexError {
+    IndexError::Other(format!("{}: {e}", what.display()))
+}
+
+impl Endpoint {
+    pub fn new(image: ImageRef, client: Arc<RegistryClient>) -> Self {
+        Endpoint { image, client }
+    }
+
+    fn blob_path(dir: &Path, digest: &str) -> Result<PathBuf, IndexError> {
+        let hex = digest
+            .strip_prefix("sha256:")
+            .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .ok_or_else(|| IndexError::Manifest(format!("bad digest {digest:?}")))?;
+        Ok(dir.join("blobs/sha256").join(hex))
+    }
+
+    fn layout_index(dir: &Path) -> Result<Value, IndexError> {
+        let p = dir.join("index.json");
+        let bytes = std::fs::read(&p).map_err(|e| io(e, &p))?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| IndexError::Manifest(format!("{}: {e}", p.display())))
+    }
+
+    /// A manifest by digest, or (with `None`) the one the reference names. Returns bytes,
+    /// media type and digest; content is checked against a requested digest.
+    pub async fn manifest(
+        &self,
+        digest: Option<&str>,
+    ) -> Result<(Bytes, String, String), IndexError> {
+        match &self.image {
+            ImageRef::Registry(r) => {
+                let target = match digest {
+                    Some(d) => r.with_digest(d),
+                    None => r.clone(),
+                };
+                Ok(self.client.manifest(&target, MANIFEST_TYPES).await?)
+            }
+            ImageRef::Layout { dir, tag } => {
+                let (digest, served) = match digest {
+                    Some(d) => (d.to_string(), String::new()),
+                    None => {
+                        let idx = Self::layout_index(dir)?;
+                        let entries = idx["manifests"].as_array().cloned().unwrap_or_default();
+                        let pick = match tag {
+                            Some(t) => entries.iter().find(|m| {
+                                m.pointer(&format!("/annotations/{}", REF_NAME.replace('/', "~1")))
+                                    .and_then(Value::as_str)
+                                    == Some(t)
+                            }),
+                            None if entries.len() == 1 => entries.first(),
+                            None => None,
+                        };
+                        let m = pick.ok_or_else(|| {
+                            IndexError::Other(format!(
+                                "{}: no such image in the layout",
+                                self.image
+                            ))
+                        })?;
+                        (
+                            m["digest"].as_str().unwrap_or_default().to_string(),
+                            m["mediaType"].as_str().unwrap_or_default().to_string(),
+                        )
+                    }
+                };
+                let p = Self::blob_path(dir, &digest)?;
+                let data = Bytes::from(std::fs::read(&p).map_err(|e| io(e, &p))?);
+                if sha256_digest(&data) != digest {
+                    return Err(IndexError::Manifest(format!(
+                        "{}: content does not match {digest}",
+                        p.display()
+                    )));
+                }
+                let mt = declared_media_type(&data, &served);
+                Ok((data, mt, digest))
+            }
+        }
+    }
+
+    /// A blob as a stream of chunks.
+    pub async fn blob_stream(
+        &self,
+        digest: &str,
+    ) -> Result<BoxStream<'static, Result<Bytes, FetchError>>, IndexError> {
+        match &self.image {
+            ImageRef::Registry(r) => {
+                let resp = self
+                    .client
+                    .blob_stream(&BlobLocator::new(r.clone(), digest))
+                    .await?;
+                Ok(resp
+                    .bytes_stream()
+                    .map(|c| c.map_err(|e| FetchError::Connection(e.to_string())))
+                    .boxed())
+            }
+            ImageRef::Layout { dir, .. } => {
+                let p = Self::blob_path(dir, digest)?;
+                let file = std::fs::File::open(&p).map_err(|e| io(e, &p))?;
+                Ok(futures::stream::unfold(Some(file), |file| async move {
+                    let mut file = file?;
+                    let r = tokio::task::spawn_blocking(move || {
+                        use std::io::Read;
+                        let mut buf = vec![0u8; 1 << 20];
+                        let n = file.read(&mut buf)?;
+                        buf.truncate(n);
+                        Ok::<_, std::io::Error>((buf, file))
+                    })
+                    .await;
+                    match r {
+                        Ok(Ok((buf, _))) if buf.is_empty() => None,
+                        Ok(Ok((buf, file))) => Some((Ok(Bytes::from(buf)), Some(file))),
+                        Ok(Err(e)) => Some((Err(FetchError::Backend(e.to_string())), None)),
+                        Err(e) => Some((Err(FetchError::Backend(e.to_string())), None)),
+                    }
+                })
+                .boxed())
+            }
+        }
+    }
+
+    pub async fn has_blob(&self, digest: &str) -> Result<bool, IndexError> {
+        match &self.image {
+            ImageRef::Registry(r) => Ok(self.client.blob_exists(r, digest).await?),
+            ImageRef::Layout { dir, .. } => Ok(Self::blob_path(dir, digest)?.exists()),
+        }
+    }
+
+    fn ensure_layout(dir: &Path) -> Result<(), IndexError> {
+        std::fs::create_dir_all(dir.join("blobs/sha256")).map_err(|e| io(e, dir))?;
+        let marker = dir.join("oci-layout");
+        if !marker.exists() {
+            std::fs::write(&marker, br#"{"imageLayoutVersion":"1.0.0"}"#)
+                .map_err(|e| io(e, &marker))?;
+        }
+        Ok(())
+    }
+
+    fn write_layout_blob(dir: &Path, digest: &str, data: &[u8]) -> Result<(), IndexError> {
+        Self::ensure_layout(dir)?;
+        let p = Self::blob_path(dir, digest)?;
+        if p.exists() {
+            return Ok(());
+        }
+        let tmp = p.with_extension("tmp");
+        std::fs::write(&tmp, data).map_err(|e| io(e, &tmp))?;
+        std::fs::rename(&tmp, &p).map_err(|e| io(e, &p))
+    }
+
+    pub async fn put_blob(&self, digest: &str, data: Bytes) -> Result<(), IndexError> {
+        match &self.image {
+            ImageRef::Registry(r) => Ok(self.client.push_blob(r, digest, data).await?),
+            ImageRef::Layout { dir, .. } => Self::write_layout_blob(dir, digest, &data),
+        }
+    }
+
+    /// Makes a blob of `src` present here: already there, mounted within a registry, or copied
+    /// as a stream (checked against its digest).
+    pub async fn copy_blob_from(&self, src: &Endpoint, digest: &str) -> Result<Copied, IndexError> {
+        if self.has_blob(digest).await? {
+            return Ok(Copied::AlreadyThere);
+        }
+        if let (ImageRef::Registry(d), ImageRef::Registry(s)) = (&self.image, &src.image) {
+            if d.registry == s.registry && self.client.mount_blob(d, digest, &s.repository).await? {
+                return Ok(Copied::Mounted);
+            }
+        }
+        let stream = src.blob_stream(digest).await?;
+        self.put_blob_stream(digest, stream).await?;
+        Ok(Copied::Uploaded)
+    }
+
+    /// Stores a blob from a stream of chunks, checked against its digest.
+    pub async fn put_blob_stream(
+        &self,
+        digest: &str,
+        stream: BoxStream<'static, Result<Bytes, FetchError>>,
+    ) -> Result<(), IndexError> {
+        match &self.image {
+            // The registry checks the digest on the final PUT.
+            ImageRef::Registry(d) => Ok(self.client.push_blob_stream(d, digest, stream).await?),
+            ImageRef::Layout { dir, .. } => {
+                Self::ensure_layout(dir)?;
+                let p = Self::blob_path(dir, digest)?;
+                let tmp = p.with_extension(format!("tmp{}", std::process::id()));
+                let mut f = std::fs::File::create(&tmp).map_err(|e| io(e, &tmp))?;
+                let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+                let mut s = stream;
+                while let Some(c) = s.next().await {
+                    let c = match c {
+                        Ok(c) => c,
+                        Err(e) => {
+                            let _ = std::fs::remove_file(&tmp);
+                            return Err(e.into());
+                        }
+                    };
+                    sha2::Digest::update(&mut hasher, &c);
+                    std::io::Write::write_all(&mut f, &c).map_err(|e| io(e, &tmp))?;
+                }
+                let got = format!("sha256:{}", hex::encode(sha2::Digest::finalize(hasher)));
+                if got != digest {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(IndexError::Other(format!(
+                        "blob {digest} arrived with digest {got}"
+                    )));
+                }
+                std::fs::rename(&tmp, &p).map_err(|e| io(e, &p))
+            }
+        }
+    }
+
+    /// Stores a manifest; with a tag, points the tag at it. Returns its digest.
+    pub async fn put_manifest(
+        &self,
+        data: Bytes,
+        media_type: &str,
+        tag: Option<&str>,
+    ) -> Result<String, IndexError> {
+        let digest = sha256_digest(&data);
+        match &self.image {
+            ImageRef::Registry(r) => {
+                self.client
+                    .put_manifest(r, tag.unwrap_or(&digest), media_type, data)
+                    .await?;
+            }
+            ImageRef::Layout { dir, .. } => {
+                Self::write_layout_blob(dir, &digest, &data)?;
+                if let Some(t) = tag {
+                    let mut idx = Self::layout_index(dir).unwrap_or_else(|_| {
+                        serde_json::json!({"schemaVersion": 2, "mediaType": MT_OCI_INDEX, "manifests": []})
+                    });
+                    let mut entries = idx["manifests"].as_array().cloned().unwrap_or_default();
+                    entries.retain(|m| {
+                        m.pointer("/annotations/org.opencontainers.image.ref.name")
+                            .and_then(Value::as_str)
+                            != Some(t)
+                    });
+                    entries.push(serde_json::json!({
+                        "mediaType": media_type, "digest": digest, "size": data.len(),
+                        "annotations": {REF_NAME: t},
+                    }));
+                    idx["manifests"] = Value::Array(entries);
+                    let p = dir.join("index.json");
+                    let tmp = dir.join("index.json.tmp");
+                    std::fs::write(&tmp, serde_json::to_vec(&idx).expect("json"))
+                        .map_err(|e| io(e, &tmp))?;
+                    std::fs::rename(&tmp, &p).map_err(|e| io(e, &p))?;
+                }
+            }
+        }
+        Ok(digest)
+    }
+
+    /// The tag the reference names (registry tag, or layout ref name).
+    pub fn tag(&self) -> Option<&str> {
+        match &self.image {
+            ImageRef::Registry(r) => r.tag.as_deref(),
+            ImageRef::Layout { tag, .. } => tag.as_deref(),
+        }
+    }
+}

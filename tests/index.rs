@@ -1,0 +1,565 @@
+//! SOCI indexes against the real registry: convert (v2) and create (v1), discovery by tag, by
+//! digest, through the fallback tag and the referrers API, plain podman pulls of converted
+//! images, OCI layouts, and bad indexes.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+
+use common::podman::{Podman, LIST_FILES};
+use common::servers::{registry, Pusher, RegistryOpts, Server};
+use common::*;
+use soci_store::fetch::registry::{RegistryClient, RegistryOptions};
+use soci_store::index::discover::{fetch_ztoc, validate_index, IndexKind};
+use soci_store::index::*;
+use soci_store::reference::Reference;
+use soci_store::ztoc::LayerReader;
+
+struct Env {
+    reg: Server,
+    dir: tempfile::TempDir,
+    cfg: PathBuf,
+    layers: Vec<(Vec<u8>, Vec<u8>)>,
+    layer_digests: Vec<String>,
+}
+
+async fn setup() -> Env {
+    let reg = registry(RegistryOpts::default());
+    let layers = soci_test_image();
+    let gz: Vec<Vec<u8>> = layers.iter().map(|(_, g)| g.clone()).collect();
+    let diff_ids: Vec<String> = layers.iter().map(|(t, _)| sha256_digest(t)).collect();
+    let (_, layer_digests) = Pusher::new(&reg)
+        .image("test/app", "v1", &gz, &diff_ids)
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "artifacts = \"{}\"\n[[fetchers]]\ntype = \"registry\"\ninsecure = [\"{}\"]\nregistries_conf = \"/nonexistent\"\n",
+            dir.path().join("artifacts").display(),
+            reg.addr()
+        ),
+    )
+    .unwrap();
+    Env {
+        reg,
+        dir,
+        cfg,
+        layers,
+        layer_digests,
+    }
+}
+
+impl Env {
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_soci-store"))
+            .arg("--config")
+            .arg(&self.cfg)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "soci-store {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn image(&self, tail: &str) -> String {
+        format!("{}/test/app{tail}", self.reg.addr())
+    }
+
+    fn client(&self) -> RegistryClient {
+        RegistryClient::new(RegistryOptions {
+            insecure: vec![self.reg.addr()],
+            registries_conf: None,
+            auth_files: Some(vec![]),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+}
+
+async fn get(client: &RegistryClient, r: &str) -> (bytes::Bytes, String) {
+    let (b, _, d) = client
+        .manifest(&Reference::parse(r).unwrap(), MANIFEST_TYPES)
+        .await
+        .unwrap();
+    (b, d)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn convert_makes_a_valid_soci_enabled_image() {
+    let env = setup().await;
+    let out = env.ok(&[
+        "convert",
+        &env.image(":v1"),
+        &env.image(":v1-soci"),
+        "--span-size",
+        "1MiB",
+        "--json",
+    ]);
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let layers = report["platforms"][0]["layers"].as_array().unwrap();
+    assert_eq!(
+        layers.iter().filter(|l| l["ztoc"].is_string()).count(),
+        2,
+        "{out}"
+    );
+    assert!(
+        layers[2]["note"].as_str().unwrap().contains("smaller"),
+        "{out}"
+    );
+
+    let client = env.client();
+    let (index_bytes, index_digest) = get(&client, &env.image(":v1-soci")).await;
+    // Every document validates against the OCI image-spec types.
+    let index: oci_spec::image::ImageIndex = serde_json::from_slice(&index_bytes).unwrap();
+    assert_eq!(index.manifests().len(), 2);
+    let image_desc = &index.manifests()[0];
+    let soci_desc = &index.manifests()[1];
+    assert_eq!(image_desc.media_type().to_string(), MT_OCI_MANIFEST);
+    assert!(image_desc.artifact_type().is_none());
+    assert_eq!(
+        soci_desc.artifact_type().as_ref().unwrap().to_string(),
+        MT_SOCI_INDEX_V2
+    );
+    assert_eq!(soci_desc.platform(), image_desc.platform());
+    assert_eq!(
+        soci_desc.annotations().as_ref().unwrap()[ANN_IMAGE_MANIFEST_DIGEST],
+        image_desc.digest().to_string()
+    );
+
+    let (image_bytes, _) = get(&client, &env.image(&format!("@{}", image_desc.digest()))).await;
+    let image: oci_spec::image::ImageManifest = serde_json::from_slice(&image_bytes).unwrap();
+    assert_eq!(
+        image.annotations().as_ref().unwrap()[ANN_INDEX_DIGEST],
+        soci_desc.digest().to_string()
+    );
+    // Layers unchanged: same blobs, no re-upload.
+    let digests: Vec<String> = image
+        .layers()
+        .iter()
+        .map(|l| l.digest().to_string())
+        .collect();
+    assert_eq!(digests, env.layer_digests);
+
+    let (soci_bytes, _) = get(&client, &env.image(&format!("@{}", soci_desc.digest()))).await;
+    let soci: oci_spec::image::ImageManifest = serde_json::from_slice(&soci_bytes).unwrap();
+    assert_eq!(soci.config().media_type().to_string(), MT_SOCI_INDEX_V2);
+    assert_eq!(soci.config().digest().to_string(), EMPTY_JSON_DIGEST);
+    assert_eq!(soci.config().size(), 2);
+    assert!(soci.subject().is_none());
+    assert_eq!(soci.layers().len(), 2);
+    let parsed = parse_manifest(&soci_bytes).unwrap();
+    for (z, l) in parsed.layers.iter().zip(image.layers()) {
+        assert_eq!(z.media_type, MT_ZTOC);
+        assert_eq!(z.annotations[ANN_LAYER_DIGEST], l.digest().to_string());
+        assert_eq!(
+            z.annotations[ANN_LAYER_MEDIA_TYPE],
+            l.media_type().to_string()
+        );
+        // The podman TOC annotation names the zTOC.
+        assert_eq!(l.annotations().as_ref().unwrap()[ANN_STARGZ_TOC], z.digest);
+    }
+    assert!(
+        image.layers()[2].annotations().is_none(),
+        "the small layer is not indexed"
+    );
+
+    // The zTOCs read the layers right.
+    let store = ArtifactStore::open(env.dir.path().join("fetched")).unwrap();
+    let r = Reference::parse(&env.image(":v1-soci")).unwrap();
+    for (i, z) in parsed.layers.iter().enumerate() {
+        let ztoc = fetch_ztoc(&client, Some(&store), &r, z).await.unwrap();
+        assert_eq!(ztoc.span_size, 1 << 20);
+        let reader = LayerReader::new(Arc::new(ztoc), env.layers[i].1.clone());
+        let all = reader
+            .read_range(0..reader.ztoc().uncompressed_size)
+            .unwrap();
+        assert!(all[..] == env.layers[i].0[..all.len()]);
+    }
+
+    // The registry saw each layer uploaded once (by the test's push), never by convert.
+    let log = env.reg.log_text();
+    for d in &env.layer_digests {
+        let uploads = log
+            .lines()
+            .filter(|l| l.contains("PUT /v2/") && l.contains(&format!("digest={d}")))
+            .count();
+        assert_eq!(uploads, 1, "{d} uploaded {uploads} times");
+    }
+
+    // Discovery: by tag and by digest; the unconverted image has none.
+    let found = env.ok(&["index", "discover", &env.image(":v1-soci")]);
+    assert!(
+        found.starts_with(&soci_desc.digest().to_string()) && found.contains("V2"),
+        "{found}"
+    );
+    let found = env.ok(&["index", "discover", &env.image(&format!("@{index_digest}"))]);
+    assert!(
+        found.starts_with(&soci_desc.digest().to_string()),
+        "{found}"
+    );
+    let none = env.cli(&["index", "discover", &env.image(":v1")]);
+    assert!(!none.status.success());
+    assert!(String::from_utf8_lossy(&none.stderr).contains("no SOCI index"));
+
+    // The artifact store lists what convert built.
+    let ls = env.ok(&["index", "ls"]);
+    assert!(
+        ls.contains(&soci_desc.digest().to_string()) && ls.contains("built"),
+        "{ls}"
+    );
+    let info = env.ok(&["index", "info", soci_desc.digest().as_ref()]);
+    assert!(info.contains(MT_SOCI_INDEX_V2));
+
+    // --no-podman-annotations leaves the layers bare.
+    env.ok(&[
+        "convert",
+        &env.image(":v1"),
+        &env.image(":bare"),
+        "--no-podman-annotations",
+        "--quiet",
+    ]);
+    let (b, _) = get(&client, &env.image(":bare")).await;
+    let idx = parse_index(&b).unwrap();
+    let (m, _) = get(
+        &client,
+        &env.image(&format!("@{}", idx.manifests[0].digest)),
+    )
+    .await;
+    assert!(parse_manifest(&m)
+        .unwrap()
+        .layers
+        .iter()
+        .all(|l| !l.annotations.contains_key(ANN_STARGZ_TOC)));
+}
+
+fn list_files(p: &Podman, image: &str) -> String {
+    p.run(&["pull", "-q", "--tls-verify=false", image]);
+    let out = p.run(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        image,
+        "/bin/busybox",
+        "sh",
+        "-c",
+        LIST_FILES,
+    ]);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plain_podman_pulls_and_runs_the_converted_image() {
+    let env = setup().await;
+    env.ok(&[
+        "convert",
+        &env.image(":v1"),
+        &env.image(":v1-soci"),
+        "--quiet",
+    ]);
+    let original = list_files(&Podman::new(), &env.image(":v1"));
+    let converted = list_files(&Podman::new(), &env.image(":v1-soci"));
+    assert!(original.contains("./data/big-random.bin"), "{original}");
+    assert!(
+        !original.contains("gone.txt") && !original.contains("old.txt"),
+        "whiteouts apply: {original}"
+    );
+    assert_eq!(original, converted);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn create_v1_through_the_fallback_tag_keeps_every_index() {
+    let env = setup().await;
+    let out = env.ok(&["create", &env.image(":v1"), "--json"]);
+    let first: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let first_index = first["platforms"][0]["soci_index"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let image_manifest = first["platforms"][0]["image_manifest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let client = env.client();
+    let (soci_bytes, _) = get(&client, &env.image(&format!("@{first_index}"))).await;
+    let soci: oci_spec::image::ImageManifest = serde_json::from_slice(&soci_bytes).unwrap();
+    assert_eq!(soci.config().media_type().to_string(), MT_SOCI_INDEX_V1);
+    assert_eq!(
+        soci.subject().as_ref().unwrap().digest().to_string(),
+        image_manifest
+    );
+
+    let found = env.ok(&["index", "discover", &env.image(":v1")]);
+    assert!(
+        found.starts_with(&first_index) && found.contains("V1"),
+        "{found}"
+    );
+
+    // A second index (other span size) is added to the fallback tag, not replacing the first.
+    let out = env.ok(&["create", &env.image(":v1"), "--span-size", "1MiB", "--json"]);
+    let second: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let second_index = second["platforms"][0]["soci_index"].as_str().unwrap();
+    assert_ne!(first_index, second_index);
+    let tag = format!(":sha256-{}", image_manifest.trim_start_matches("sha256:"));
+    let (listing, _) = get(&client, &env.image(&tag)).await;
+    let listing: oci_spec::image::ImageIndex = serde_json::from_slice(&listing).unwrap();
+    let listed: Vec<String> = listing
+        .manifests()
+        .iter()
+        .map(|d| d.digest().to_string())
+        .collect();
+    assert_eq!(listed, vec![first_index.clone(), second_index.to_string()]);
+    for d in listing.manifests() {
+        assert_eq!(
+            d.artifact_type().as_ref().unwrap().to_string(),
+            MT_SOCI_INDEX_V1
+        );
+    }
+    // Discovery takes the newest.
+    let found = env.ok(&["index", "discover", &env.image(":v1")]);
+    assert!(found.starts_with(second_index), "{found}");
+}
+
+/// A stand-in for the one endpoint the Debian registry (2.8) lacks: `GET /v2/<name>/referrers/
+/// <digest>` answers a canned listing; every other request goes to the real registry.
+async fn referrers_responder(
+    upstream: u16,
+    listing: Vec<u8>,
+) -> (u16, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut c, _)) = l.accept().await else {
+                return;
+            };
+            let listing = listing.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if c.read(&mut b).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(b[0]);
+                }
+                let text = String::from_utf8_lossy(&head).to_string();
+                if text.lines().next().unwrap_or("").contains("/referrers/") {
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.index.v1+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        listing.len()
+                    );
+                    let _ = c.write_all(resp.as_bytes()).await;
+                    let _ = c.write_all(&listing).await;
+                    return;
+                }
+                let req: Vec<&str> = text
+                    .split("\r\n")
+                    .filter(|l| !l.is_empty() && !l.to_ascii_lowercase().starts_with("connection:"))
+                    .collect();
+                let req = format!("{}\r\nConnection: close\r\n\r\n", req.join("\r\n"));
+                let mut up = tokio::net::TcpStream::connect(("127.0.0.1", upstream))
+                    .await
+                    .unwrap();
+                up.write_all(req.as_bytes()).await.unwrap();
+                let mut resp = Vec::new();
+                let _ = up.read_to_end(&mut resp).await;
+                let _ = c.write_all(&resp).await;
+            });
+        }
+    });
+    (port, task)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn discovery_through_the_referrers_api() {
+    let env = setup().await;
+    let out = env.ok(&["create", &env.image(":v1"), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let index = v["platforms"][0]["soci_index"].as_str().unwrap();
+    let client = env.client();
+    let (soci_bytes, _) = get(&client, &env.image(&format!("@{index}"))).await;
+    // Drop the fallback tag so that only the referrers API can find the index.
+    let image_manifest = v["platforms"][0]["image_manifest"].as_str().unwrap();
+    let tag = format!("sha256-{}", image_manifest.trim_start_matches("sha256:"));
+    let http = reqwest::Client::new();
+    let resp = http
+        .head(format!(
+            "http://{}/v2/test/app/manifests/{tag}",
+            env.reg.addr()
+        ))
+        .header("Accept", MT_OCI_INDEX)
+        .send()
+        .await
+        .unwrap();
+    let tag_digest = resp.headers()["docker-content-digest"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let del = http
+        .delete(format!(
+            "http://{}/v2/test/app/manifests/{tag_digest}",
+            env.reg.addr()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert!(del.status().is_success(), "{}", del.status());
+
+    let mut entry = Descriptor::new(MT_OCI_MANIFEST, index, soci_bytes.len() as u64);
+    entry.artifact_type = Some(MT_SOCI_INDEX_V1.into());
+    let listing = to_json(&Index {
+        schema_version: 2,
+        media_type: Some(MT_OCI_INDEX.into()),
+        manifests: vec![entry],
+        annotations: Default::default(),
+    });
+    let (port, task) = referrers_responder(env.reg.port, listing).await;
+    let via = RegistryClient::new(RegistryOptions {
+        insecure: vec![format!("127.0.0.1:{port}")],
+        registries_conf: None,
+        auth_files: Some(vec![]),
+        ..Default::default()
+    })
+    .unwrap();
+    let r = Reference::parse(&format!("127.0.0.1:{port}/test/app:v1")).unwrap();
+    let found = discover(&via, None, &r, &Platform::host())
+        .await
+        .unwrap()
+        .expect("found via referrers");
+    assert_eq!(found.index_digest, index);
+    assert_eq!(found.kind, IndexKind::V1);
+    // Without the responder, the plain registry has neither referrers nor the fallback tag.
+    let direct = Reference::parse(&env.image(":v1")).unwrap();
+    assert!(discover(&client, None, &direct, &Platform::host())
+        .await
+        .unwrap()
+        .is_none());
+    task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oci_layouts_as_source_and_destination() {
+    let env = setup().await;
+    let layout = env.dir.path().join("layout");
+    let dst = format!("oci:{}:soci", layout.display());
+    env.ok(&["convert", &env.image(":v1"), &dst, "--quiet"]);
+    assert!(layout.join("oci-layout").exists());
+    // Layers were copied into the layout (streamed once with the zTOC build).
+    for d in &env.layer_digests {
+        assert!(layout
+            .join("blobs/sha256")
+            .join(d.trim_start_matches("sha256:"))
+            .exists());
+    }
+    // And from the layout into another repository of the registry.
+    env.ok(&[
+        "convert",
+        &dst,
+        &format!("{}/test/fromlayout:v1", env.reg.addr()),
+        "--quiet",
+    ]);
+    let found = env.ok(&[
+        "index",
+        "discover",
+        &format!("{}/test/fromlayout:v1", env.reg.addr()),
+    ]);
+    assert!(found.contains("V2"), "{found}");
+}
+
+fn manifest_of(layers: &[&str]) -> Manifest {
+    Manifest {
+        schema_version: 2,
+        media_type: Some(MT_OCI_MANIFEST.into()),
+        artifact_type: None,
+        config: Descriptor::new(MT_OCI_CONFIG, sha256_digest(b"c"), 1),
+        layers: layers
+            .iter()
+            .map(|d| Descriptor::new(MT_OCI_LAYER_GZIP, *d, 10))
+            .collect(),
+        subject: None,
+        annotations: Default::default(),
+    }
+}
+
+#[test]
+fn bad_indexes_are_rejected_with_clear_errors() {
+    let (l1, l2) = (sha256_digest(b"l1"), sha256_digest(b"l2"));
+    let image = manifest_of(&[&l1, &l2]);
+    let mut z = Descriptor::new(MT_ZTOC, sha256_digest(b"z"), 1);
+    z.annotations.insert(ANN_LAYER_DIGEST.into(), l1.clone());
+    let good = Manifest {
+        schema_version: 2,
+        media_type: Some(MT_OCI_MANIFEST.into()),
+        artifact_type: None,
+        config: Descriptor::new(MT_SOCI_INDEX_V2, EMPTY_JSON_DIGEST, 2),
+        layers: vec![z.clone()],
+        subject: None,
+        annotations: Default::default(),
+    };
+    let check =
+        |m: &Manifest, kind| validate_index(&to_json(m), "sha256:idx", kind, "sha256:img", &image);
+    check(&good, IndexKind::V2).unwrap();
+
+    let err = validate_index(
+        b"{not json",
+        "sha256:idx",
+        IndexKind::V2,
+        "sha256:img",
+        &image,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("invalid SOCI index"), "{err}");
+
+    let mut other = good.clone();
+    other.layers[0]
+        .annotations
+        .insert(ANN_LAYER_DIGEST.into(), sha256_digest(b"elsewhere"));
+    let err = check(&other, IndexKind::V2).unwrap_err();
+    assert!(err.to_string().contains("does not have"), "{err}");
+
+    let mut wrong_type = good.clone();
+    wrong_type.config.media_type = MT_OCI_CONFIG.into();
+    assert!(check(&wrong_type, IndexKind::V2).is_err());
+
+    let mut v1 = good.clone();
+    v1.config.media_type = MT_SOCI_INDEX_V1.into();
+    v1.subject = Some(Descriptor::new(MT_OCI_MANIFEST, "sha256:another", 10));
+    let err = check(&v1, IndexKind::V1).unwrap_err();
+    assert!(err.to_string().contains("another image"), "{err}");
+    v1.subject = None;
+    assert!(check(&v1, IndexKind::V1).is_err());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn missing_or_corrupt_ztocs_are_errors() {
+    let env = setup().await;
+    let client = env.client();
+    let r = Reference::parse(&env.image(":v1")).unwrap();
+    // A zTOC the registry does not have.
+    let missing = Descriptor::new(MT_ZTOC, sha256_digest(b"no such ztoc"), 100);
+    let err = fetch_ztoc(&client, None, &r, &missing).await.unwrap_err();
+    assert!(err.to_string().contains("not found"), "{err}");
+    // A descriptor whose digest does not match the blob it names (the layer is no zTOC).
+    let (_, gz) = &env.layers[2];
+    let mut lying = Descriptor::new(MT_ZTOC, env.layer_digests[2].clone(), gz.len() as u64);
+    let err = fetch_ztoc(&client, None, &r, &lying).await.unwrap_err();
+    assert!(err.to_string().contains("zTOC"), "{err}");
+    lying.size = 1 << 40;
+    assert!(fetch_ztoc(&client, None, &r, &lying).await.is_err());
+}
