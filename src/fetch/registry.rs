@@ -761,38 +761,6 @@ impl Fetcher for RegistryFetcher {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_challenges() {
-        let (s, p) = parse_challenge(
-            r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push""#,
-        );
-        assert_eq!(s, "bearer");
-        assert_eq!(p["realm"], "https://auth.example/token");
-        assert_eq!(p["service"], "registry.example");
-        assert_eq!(p["scope"], "repository:a/b:pull,push");
-        let (s, p) = parse_challenge(r#"Basic realm="Registry Realm""#);
-        assert_eq!(
-            (s.as_str(), p["realm"].as_str()),
-            ("basic", "Registry Realm")
-        );
-    }
-
-    #[test]
-    fn content_range_headers() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            CONTENT_RANGE,
-            HeaderValue::from_static("bytes 100-199/12345"),
-        );
-        assert_eq!(content_range_total(&h), Some(12345));
-        assert_eq!(content_range_start(&h), Some(100));
-    }
-}
-
 /// Pushing: blobs, cross-repository mounts, manifests, and the referrers API.
 impl RegistryClient {
     /// Whether the repository has the blob.
@@ -1025,5 +993,37 @@ impl RegistryClient {
             }) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_challenges() {
+        let (s, p) = parse_challenge(
+            r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push""#,
+        );
+        assert_eq!(s, "bearer");
+        assert_eq!(p["realm"], "https://auth.example/token");
+        assert_eq!(p["service"], "registry.example");
+        assert_eq!(p["scope"], "repository:a/b:pull,push");
+        let (s, p) = parse_challenge(r#"Basic realm="Registry Realm""#);
+        assert_eq!(
+            (s.as_str(), p["realm"].as_str()),
+            ("basic", "Registry Realm")
+        );
+    }
+
+    #[test]
+    fn content_range_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            CONTENT_RANGE,
+            HeaderValue::from_static("bytes 100-199/12345"),
+        );
+        assert_eq!(content_range_total(&h), Some(12345));
+        assert_eq!(content_range_start(&h), Some(100));
     }
 }
