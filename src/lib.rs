@@ -15,4 +15,5 @@ pub mod fetch;
 pub mod index;
 pub mod reference;
 pub mod spans;
+pub mod store;
 pub mod ztoc;

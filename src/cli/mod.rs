@@ -2,6 +2,7 @@
 
 mod blob;
 mod index;
+mod serve;
 mod ztoc;
 
 use std::path::PathBuf;
@@ -42,6 +43,8 @@ enum Command {
     Convert(index::ConvertArgs),
     /// Make a SOCI index (v1) for an image and push it beside it (referrers API or fallback tag).
     Create(index::CreateArgs),
+    /// Serve SOCI-indexed images to podman as a FUSE additional layer store.
+    Serve(serve::ServeArgs),
     /// SOCI indexes in the local artifact store, and discovery.
     #[command(subcommand)]
     Index(index::IndexCommand),
@@ -94,6 +97,7 @@ impl Cli {
             Command::Convert(args) => args.run(&ctx),
             Command::Create(args) => args.run(&ctx),
             Command::Index(cmd) => cmd.run(&ctx),
+            Command::Serve(args) => args.run(&ctx),
         }
     }
 
@@ -112,6 +116,7 @@ pub fn main_with(backends: BackendRegistry) -> ExitCode {
             EnvFilter::try_from_env("SOCI_STORE_LOG").unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().run_with(backends) {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,48 @@
+//! `soci-store serve MOUNTPOINT`: the podman additional layer store.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use super::CliContext;
+use crate::fetch::registry::{RegistryClient, RegistryOptions};
+use crate::index::ArtifactStore;
+use crate::store::{self, StoreContext};
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Where to mount, e.g. /var/lib/soci-store/store (podman's additionallayerstores entry).
+    mountpoint: PathBuf,
+    /// FUSE worker threads.
+    #[arg(long, default_value_t = 4)]
+    threads: usize,
+    /// Longest a layer lookup may take before podman is told to download the layer itself.
+    #[arg(long, default_value_t = 30.0)]
+    lookup_timeout: f64,
+    /// Fetch only what is read (no background completion of layers).
+    #[arg(long)]
+    no_background_fetch: bool,
+}
+
+impl ServeArgs {
+    pub fn run(self, ctx: &CliContext) -> Result<()> {
+        let config = ctx.config()?;
+        let spans = Arc::new(ctx.backends.build_span_store(&config)?);
+        let opts: RegistryOptions = match config.fetchers.iter().find(|f| f.kind == "registry") {
+            Some(b) => crate::backends::parse_options(&b.options)?,
+            None => RegistryOptions::default(),
+        };
+        let client = Arc::new(RegistryClient::new(opts)?);
+        let artifacts = ArtifactStore::open(&config.artifacts).with_context(|| {
+            format!("opening the artifact store {}", config.artifacts.display())
+        })?;
+        let rt = ctx.runtime()?;
+        let mut sc = StoreContext::new(client, spans, Some(artifacts), rt.handle().clone());
+        sc.lookup_timeout = Duration::from_secs_f64(self.lookup_timeout);
+        sc.background_fetch = !self.no_background_fetch;
+        store::serve(Arc::new(sc), &self.mountpoint, self.threads)
+    }
+}

@@ -1,0 +1,552 @@
+//! The FUSE filesystem podman sees as an additional layer store:
+//! `<base64(ref)>/<digest>/{diff, info, blob}`, `use` and rmdir as reference counting.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, OpenFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyXattr, Request,
+};
+
+use super::layers::{Layer, StoreContext};
+use super::tree::NodeKind;
+
+/// Layers never change: the kernel may cache what we say for long.
+const TTL: Duration = Duration::from_secs(3600);
+/// Unknown names (`diff1`, layers that are not served lazily): cached negative entries.
+const NEGATIVE_TTL: Duration = Duration::from_secs(60);
+
+#[derive(Clone)]
+enum Special {
+    Root,
+    RefDir { reference: String },
+    LayerDir(Arc<Layer>),
+    Info(Arc<Layer>),
+    Blob(Arc<Layer>),
+}
+
+#[derive(Default)]
+struct State {
+    specials: HashMap<u64, Special>,
+    ref_dirs: HashMap<Vec<u8>, u64>,
+    layer_dirs: HashMap<(u64, Vec<u8>), u64>,
+    /// Diff trees: the first inode of each layer's range.
+    ranges: BTreeMap<u64, (Arc<Layer>, u64)>,
+    /// Inodes of each layer's directory, info, blob and diff root, by layer identity.
+    layer_inodes: HashMap<usize, LayerInodes>,
+}
+
+#[derive(Clone, Copy)]
+struct LayerInodes {
+    dir: u64,
+    info: u64,
+    blob: u64,
+    diff_base: u64,
+}
+
+/// The store filesystem.
+pub struct StoreFs {
+    ctx: Arc<StoreContext>,
+    state: RwLock<State>,
+    next_ino: AtomicU64,
+}
+
+fn time(secs: i64, nanos: u32) -> SystemTime {
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::new(secs as u64, nanos)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
+            + Duration::from_nanos(u64::from(nanos))
+    }
+}
+
+fn attr(ino: u64, kind: FileType, perm: u16, size: u64, nlink: u32) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(ino),
+        size,
+        blocks: size.div_ceil(512),
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind,
+        perm,
+        nlink,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+fn makedev(major: u32, minor: u32) -> u32 {
+    // The kernel's encoding of a device number in 32 bits.
+    ((major & 0xfff) << 8) | (minor & 0xff) | ((minor & !0xff) << 12)
+}
+
+impl StoreFs {
+    pub fn new(ctx: Arc<StoreContext>) -> Self {
+        let mut state = State::default();
+        state.specials.insert(1, Special::Root);
+        StoreFs {
+            ctx,
+            state: RwLock::new(state),
+            next_ino: AtomicU64::new(2),
+        }
+    }
+
+    fn alloc(&self, n: u64) -> u64 {
+        self.next_ino.fetch_add(n, Ordering::Relaxed)
+    }
+
+    fn read_state(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn special(&self, ino: u64) -> Option<Special> {
+        self.read_state().specials.get(&ino).cloned()
+    }
+
+    /// The layer and tree node behind a diff inode.
+    fn diff_node(&self, ino: u64) -> Option<(Arc<Layer>, usize)> {
+        let st = self.read_state();
+        let (base, (layer, n)) = st.ranges.range(..=ino).next_back()?;
+        let idx = ino - base;
+        (idx < *n).then(|| (layer.clone(), idx as usize))
+    }
+
+    fn layer_inodes(&self, layer: &Arc<Layer>, parent: u64) -> LayerInodes {
+        let key = Arc::as_ptr(layer) as usize;
+        if let Some(i) = self.read_state().layer_inodes.get(&key) {
+            return *i;
+        }
+        let mut st = self.write_state();
+        if let Some(i) = st.layer_inodes.get(&key) {
+            return *i;
+        }
+        let n = layer.tree.nodes.len() as u64;
+        let i = LayerInodes {
+            dir: self.alloc(1),
+            info: self.alloc(1),
+            blob: self.alloc(1),
+            diff_base: self.alloc(n),
+        };
+        let _ = parent;
+        st.specials.insert(i.dir, Special::LayerDir(layer.clone()));
+        st.specials.insert(i.info, Special::Info(layer.clone()));
+        st.specials.insert(i.blob, Special::Blob(layer.clone()));
+        st.ranges.insert(i.diff_base, (layer.clone(), n));
+        st.layer_inodes.insert(key, i);
+        i
+    }
+
+    fn special_attr(&self, ino: u64, s: &Special) -> FileAttr {
+        match s {
+            Special::Root | Special::RefDir { .. } | Special::LayerDir(_) => {
+                attr(ino, FileType::Directory, 0o755, 0, 2)
+            }
+            Special::Info(l) => attr(ino, FileType::RegularFile, 0o444, l.info.len() as u64, 1),
+            Special::Blob(l) => attr(ino, FileType::RegularFile, 0o444, l.blob_size, 1),
+        }
+    }
+
+    fn node_attr(&self, ino: u64, layer: &Layer, idx: usize) -> FileAttr {
+        let n = &layer.tree.nodes[idx];
+        let (kind, size, rdev) = match &n.kind {
+            NodeKind::Dir => (FileType::Directory, 4096, 0),
+            NodeKind::File { size, .. } => (FileType::RegularFile, *size, 0),
+            NodeKind::Symlink(t) => (FileType::Symlink, t.len() as u64, 0),
+            NodeKind::Char { major, minor } => (FileType::CharDevice, 0, makedev(*major, *minor)),
+            NodeKind::Block { major, minor } => (FileType::BlockDevice, 0, makedev(*major, *minor)),
+            NodeKind::Fifo => (FileType::NamedPipe, 0, 0),
+            NodeKind::Whiteout => (FileType::CharDevice, 0, 0),
+        };
+        let t = time(n.mtime.0, n.mtime.1);
+        FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks: size.div_ceil(512),
+            atime: t,
+            mtime: t,
+            ctime: t,
+            crtime: t,
+            kind,
+            perm: (n.mode & 0o7777) as u16,
+            nlink: n.nlink,
+            uid: n.uid,
+            gid: n.gid,
+            rdev,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    /// Resolves a layer on the runtime, bounded by the lookup timeout.
+    fn resolve(&self, reference: &str, digest: &str) -> Option<Arc<Layer>> {
+        let ctx = self.ctx.clone();
+        let (r, d) = (reference.to_string(), digest.to_string());
+        let fut = async move { tokio::time::timeout(ctx.lookup_timeout, ctx.layer(&r, &d)).await };
+        match self.ctx.runtime.block_on(fut) {
+            Ok(Ok(found)) => found,
+            Ok(Err(e)) => {
+                tracing::warn!(reference, digest, "cannot serve layer lazily: {e}");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(reference, digest, "layer lookup timed out");
+                None
+            }
+        }
+    }
+
+    fn negative(reply: ReplyEntry) {
+        // A zero inode with a timeout is a negative entry the kernel caches.
+        let mut a = attr(0, FileType::RegularFile, 0, 0, 0);
+        a.ino = INodeNo(0);
+        reply.entry(&NEGATIVE_TTL, &a, Generation(0));
+    }
+}
+
+fn decode_ref(name: &[u8]) -> Option<String> {
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(name)
+        .ok()?;
+    String::from_utf8(raw).ok()
+}
+
+impl Filesystem for StoreFs {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let parent = parent.0;
+        let name_b = name.as_bytes();
+        match self.special(parent) {
+            Some(Special::Root) => {
+                let Some(reference) = decode_ref(name_b) else {
+                    return Self::negative(reply);
+                };
+                if crate::reference::Reference::parse(&reference).is_err() {
+                    return Self::negative(reply);
+                }
+                let existing = self.read_state().ref_dirs.get(name_b).copied();
+                let ino = existing.unwrap_or_else(|| {
+                    let mut st = self.write_state();
+                    if let Some(&i) = st.ref_dirs.get(name_b) {
+                        return i;
+                    }
+                    let i = self.alloc(1);
+                    st.ref_dirs.insert(name_b.to_vec(), i);
+                    st.specials.insert(i, Special::RefDir { reference });
+                    i
+                });
+                reply.entry(
+                    &TTL,
+                    &attr(ino, FileType::Directory, 0o755, 0, 2),
+                    Generation(0),
+                );
+            }
+            Some(Special::RefDir { reference }) => {
+                let Some(digest) = name.to_str() else {
+                    return Self::negative(reply);
+                };
+                if !crate::reference::is_digest(digest) {
+                    return Self::negative(reply);
+                }
+                match self.resolve(&reference, digest) {
+                    Some(layer) => {
+                        let inos = self.layer_inodes(&layer, parent);
+                        self.write_state()
+                            .layer_dirs
+                            .insert((parent, name_b.to_vec()), inos.dir);
+                        reply.entry(
+                            &TTL,
+                            &attr(inos.dir, FileType::Directory, 0o755, 0, 2),
+                            Generation(0),
+                        );
+                    }
+                    None => Self::negative(reply),
+                }
+            }
+            Some(Special::LayerDir(layer)) => {
+                let inos = self.layer_inodes(&layer, parent);
+                let (ino, s) = match name_b {
+                    b"diff" => {
+                        let a = self.node_attr(inos.diff_base, &layer, 0);
+                        return reply.entry(&TTL, &a, Generation(0));
+                    }
+                    b"info" => (inos.info, Special::Info(layer.clone())),
+                    b"blob" => (inos.blob, Special::Blob(layer.clone())),
+                    _ => return Self::negative(reply),
+                };
+                reply.entry(&TTL, &self.special_attr(ino, &s), Generation(0));
+            }
+            Some(Special::Info(_) | Special::Blob(_)) => reply.error(Errno::ENOTDIR),
+            None => match self.diff_node(parent) {
+                Some((layer, idx)) => match layer.tree.nodes[idx].children.get(name_b) {
+                    Some(&child) => {
+                        let base = parent - idx as u64;
+                        let ino = base + child as u64;
+                        reply.entry(&TTL, &self.node_attr(ino, &layer, child), Generation(0));
+                    }
+                    None => Self::negative(reply),
+                },
+                None => reply.error(Errno::ENOENT),
+            },
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let ino = ino.0;
+        if let Some(s) = self.special(ino) {
+            return reply.attr(&TTL, &self.special_attr(ino, &s));
+        }
+        match self.diff_node(ino) {
+            Some((layer, idx)) => reply.attr(&TTL, &self.node_attr(ino, &layer, idx)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.diff_node(ino.0) {
+            Some((layer, idx)) => match &layer.tree.nodes[idx].kind {
+                NodeKind::Symlink(t) => reply.data(t),
+                _ => reply.error(Errno::EINVAL),
+            },
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let writable = flags.0 & (libc::O_WRONLY | libc::O_RDWR) != 0;
+        if writable {
+            return reply.error(Errno::EROFS);
+        }
+        match self.special(ino.0) {
+            Some(Special::Info(_) | Special::Blob(_)) => {
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+            }
+            Some(_) => reply.error(Errno::EISDIR),
+            None => match self.diff_node(ino.0) {
+                Some(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+                None => reply.error(Errno::ENOENT),
+            },
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.special(ino.0) {
+            Some(Special::Info(l)) => {
+                let start = (offset as usize).min(l.info.len());
+                let end = (start + size as usize).min(l.info.len());
+                reply.data(&l.info[start..end]);
+            }
+            Some(Special::Blob(l)) => {
+                let end = (offset + u64::from(size)).min(l.blob_size);
+                if offset >= end {
+                    return reply.data(&[]);
+                }
+                let fut = self.ctx.spans.fetchers().read_range(&l.blob, offset..end);
+                match self.ctx.runtime.block_on(fut) {
+                    Ok(b) => reply.data(&b),
+                    Err(e) => {
+                        tracing::warn!(blob = %l.blob, "blob read failed: {e}");
+                        reply.error(Errno::EIO)
+                    }
+                }
+            }
+            Some(_) => reply.error(Errno::EISDIR),
+            None => match self.diff_node(ino.0) {
+                Some((layer, idx)) => match layer.tree.nodes[idx].kind {
+                    NodeKind::File { entry, .. } => {
+                        let mut buf = vec![0u8; size as usize];
+                        match layer.reader.read_entry(entry, offset, &mut buf) {
+                            Ok(n) => reply.data(&buf[..n]),
+                            Err(e) => {
+                                tracing::warn!(blob = %layer.blob, "read failed: {e}");
+                                reply.error(Errno::EIO)
+                            }
+                        }
+                    }
+                    _ => reply.error(Errno::EINVAL),
+                },
+                None => reply.error(Errno::ENOENT),
+            },
+        }
+    }
+
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.opened(FileHandle(0), FopenFlags::empty());
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let ino = ino.0;
+        let mut entries: Vec<(u64, FileType, Vec<u8>)> = vec![
+            (ino, FileType::Directory, b".".to_vec()),
+            (1, FileType::Directory, b"..".to_vec()),
+        ];
+        match self.special(ino) {
+            Some(Special::Root) => {
+                let st = self.read_state();
+                entries.extend(
+                    st.ref_dirs
+                        .iter()
+                        .map(|(n, &i)| (i, FileType::Directory, n.clone())),
+                );
+            }
+            Some(Special::RefDir { .. }) => {
+                let st = self.read_state();
+                entries.extend(
+                    st.layer_dirs
+                        .iter()
+                        .filter(|((p, _), _)| *p == ino)
+                        .map(|((_, n), &i)| (i, FileType::Directory, n.clone())),
+                );
+            }
+            Some(Special::LayerDir(layer)) => {
+                let inos = self.layer_inodes(&layer, 0);
+                entries.push((inos.diff_base, FileType::Directory, b"diff".to_vec()));
+                entries.push((inos.info, FileType::RegularFile, b"info".to_vec()));
+                entries.push((inos.blob, FileType::RegularFile, b"blob".to_vec()));
+            }
+            Some(_) => return reply.error(Errno::ENOTDIR),
+            None => match self.diff_node(ino) {
+                Some((layer, idx)) => {
+                    let base = ino - idx as u64;
+                    let node = &layer.tree.nodes[idx];
+                    if node.kind != NodeKind::Dir {
+                        return reply.error(Errno::ENOTDIR);
+                    }
+                    for (name, &child) in &node.children {
+                        let kind = self.node_attr(base + child as u64, &layer, child).kind;
+                        entries.push((base + child as u64, kind, name.clone()));
+                    }
+                }
+                None => return reply.error(Errno::ENOENT),
+            },
+        }
+        for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(ino), (i + 1) as u64, kind, OsStr::from_bytes(&name)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let Some((layer, idx)) = self.diff_node(ino.0) else {
+            return reply.error(Errno::NO_XATTR);
+        };
+        let all = layer.tree.nodes[idx].all_xattrs();
+        match all.iter().find(|(k, _)| k == name.as_bytes()) {
+            None => reply.error(Errno::NO_XATTR),
+            Some((_, v)) if size == 0 => reply.size(v.len() as u32),
+            Some((_, v)) if v.len() > size as usize => reply.error(Errno::ERANGE),
+            Some((_, v)) => reply.data(v),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let mut list = Vec::new();
+        if let Some((layer, idx)) = self.diff_node(ino.0) {
+            for (k, _) in layer.tree.nodes[idx].all_xattrs() {
+                list.extend_from_slice(&k);
+                list.push(0);
+            }
+        }
+        if size == 0 {
+            reply.size(list.len() as u32)
+        } else if list.len() > size as usize {
+            reply.error(Errno::ERANGE)
+        } else {
+            reply.data(&list)
+        }
+    }
+
+    /// `use`: podman's "I use this layer" notification. Count it and answer ENOENT.
+    fn create(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        if let (Some(Special::LayerDir(layer)), b"use") = (self.special(parent.0), name.as_bytes())
+        {
+            let n = layer.uses.fetch_add(1, Ordering::SeqCst) + 1;
+            tracing::info!(blob = %layer.blob, uses = n, "use");
+        }
+        reply.error(Errno::ENOENT);
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let _ = req;
+        if let (Some(Special::LayerDir(layer)), b"use") = (self.special(parent.0), name.as_bytes())
+        {
+            layer.uses.fetch_add(1, Ordering::SeqCst);
+        }
+        reply.error(Errno::ENOENT);
+    }
+
+    /// rmdir of a layer directory: podman's "release". Count it and answer ENOENT.
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let key = (parent.0, name.as_bytes().to_vec());
+        let dir = self.read_state().layer_dirs.get(&key).copied();
+        if let Some(Special::LayerDir(layer)) = dir.and_then(|d| self.special(d)) {
+            let n = layer.uses.fetch_sub(1, Ordering::SeqCst) - 1;
+            tracing::info!(blob = %layer.blob, uses = n, "release");
+        }
+        reply.error(Errno::ENOENT);
+    }
+}
+
+/// The number of `use`s minus releases of every resolved layer, by blob digest (for tests and
+/// metrics).
+pub fn use_counts(fs: &StoreFs) -> Vec<(String, i64)> {
+    let st = fs.read_state();
+    let mut out: Vec<(String, i64)> = st
+        .ranges
+        .values()
+        .map(|(l, _)| (l.blob.digest.clone(), l.uses.load(Ordering::SeqCst)))
+        .collect();
+    out.sort();
+    out
+}

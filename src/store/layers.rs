@@ -1,0 +1,273 @@
+//! Resolving what podman asks for: an image reference and a digest (the compressed layer digest,
+//! or the zTOC digest from the layer's TOC annotation) → a lazily served layer. Resolutions are
+//! cached; one layer's resolution starts the image's others and the layer's background fetch.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicI64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::OnceCell;
+
+use super::tree::LayerTree;
+use crate::fetch::registry::RegistryClient;
+use crate::fetch::BlobLocator;
+use crate::index::discover::{self, fetch_ztoc, Discovered};
+use crate::index::{ArtifactStore, IndexError, Platform};
+use crate::reference::Reference;
+use crate::spans::{RemoteLayer, SpanStore};
+use crate::ztoc::{Compression, LayerReader, Ztoc};
+
+/// Resolutions computed once per key, failures included (as messages).
+type Memo<K, T> = Mutex<HashMap<K, Arc<OnceCell<Result<T, String>>>>>;
+
+/// What the store needs to resolve and serve layers.
+pub struct StoreContext {
+    pub client: Arc<RegistryClient>,
+    pub spans: Arc<SpanStore>,
+    pub artifacts: Option<ArtifactStore>,
+    pub runtime: tokio::runtime::Handle,
+    pub platform: Platform,
+    /// Bound on one lookup (podman holds a lock while it asks).
+    pub lookup_timeout: Duration,
+    /// Fetch every layer completely in the background once it is resolved.
+    pub background_fetch: bool,
+    images: Memo<String, Arc<ImageInfo>>,
+    layers: Memo<(String, String), Option<Arc<Layer>>>,
+}
+
+/// An image's manifest for this platform, its diff IDs and its SOCI index (if any).
+pub struct ImageInfo {
+    pub reference: Reference,
+    pub discovered: Option<Discovered>,
+    pub diff_ids: Vec<String>,
+}
+
+/// A lazily served layer.
+pub struct Layer {
+    pub reference: Reference,
+    pub blob: BlobLocator,
+    pub ztoc_digest: String,
+    pub ztoc: Arc<Ztoc>,
+    pub tree: LayerTree,
+    /// The `info` file.
+    pub info: Vec<u8>,
+    pub blob_size: u64,
+    pub reader: LayerReader<RemoteLayer>,
+    /// podman's reference count (`use` creates minus layer-directory rmdirs).
+    pub uses: AtomicI64,
+}
+
+fn cell<K: std::hash::Hash + Eq + Clone, T>(
+    m: &Mutex<HashMap<K, Arc<OnceCell<T>>>>,
+    k: &K,
+) -> Arc<OnceCell<T>> {
+    m.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(k.clone())
+        .or_default()
+        .clone()
+}
+
+impl StoreContext {
+    pub fn new(
+        client: Arc<RegistryClient>,
+        spans: Arc<SpanStore>,
+        artifacts: Option<ArtifactStore>,
+        runtime: tokio::runtime::Handle,
+    ) -> Self {
+        StoreContext {
+            client,
+            spans,
+            artifacts,
+            runtime,
+            platform: Platform::host(),
+            lookup_timeout: Duration::from_secs(30),
+            background_fetch: true,
+            images: Mutex::default(),
+            layers: Mutex::default(),
+        }
+    }
+
+    async fn image(&self, reference: &str) -> Result<Arc<ImageInfo>, String> {
+        let c = cell(&self.images, &reference.to_string());
+        c.get_or_init(|| async {
+            let r = Reference::parse(reference).map_err(|e| e.to_string())?;
+            let found =
+                discover::discover(&self.client, self.artifacts.as_ref(), &r, &self.platform)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            let diff_ids = match &found {
+                Some(d) => {
+                    let cfg = &d.image_manifest.config;
+                    let bytes = self
+                        .client
+                        .blob_range(&BlobLocator::new(r.clone(), &cfg.digest), 0..cfg.size)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    if crate::index::sha256_digest(&bytes) != cfg.digest {
+                        return Err(format!("{r}: image config does not match its digest"));
+                    }
+                    let v: serde_json::Value =
+                        serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+                    v.pointer("/rootfs/diff_ids")
+                        .and_then(|d| d.as_array())
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|x| x.as_str().map(String::from))
+                                .collect()
+                        })
+                        .unwrap_or_default()
+                }
+                None => Vec::new(),
+            };
+            Ok(Arc::new(ImageInfo {
+                reference: r,
+                discovered: found,
+                diff_ids,
+            }))
+        })
+        .await
+        .clone()
+    }
+
+    /// The layer `digest` of `reference`, or None when it cannot be served lazily.
+    pub async fn layer(
+        self: &Arc<Self>,
+        reference: &str,
+        digest: &str,
+    ) -> Result<Option<Arc<Layer>>, String> {
+        let key = (reference.to_string(), digest.to_string());
+        let c = cell(&self.layers, &key);
+        c.get_or_init(|| async { self.resolve(reference, digest).await })
+            .await
+            .clone()
+    }
+
+    /// [`Self::layer`] as a boxed `Send` future (resolutions spawn resolutions).
+    fn layer_boxed(
+        self: Arc<Self>,
+        reference: String,
+        digest: String,
+    ) -> futures::future::BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let _ = self.layer(&reference, &digest).await;
+        })
+    }
+
+    async fn resolve(
+        self: &Arc<Self>,
+        reference: &str,
+        digest: &str,
+    ) -> Result<Option<Arc<Layer>>, String> {
+        let image = self.image(reference).await?;
+        let Some(found) = &image.discovered else {
+            return Ok(None);
+        };
+        let layers = &found.image_manifest.layers;
+        let pos = layers.iter().position(|l| {
+            l.digest == digest
+                || found
+                    .ztoc_for(&l.digest)
+                    .is_some_and(|z| z.digest == digest)
+        });
+        let Some(pos) = pos else { return Ok(None) };
+        let layer_desc = &layers[pos];
+        let Some(zdesc) = found.ztoc_for(&layer_desc.digest) else {
+            return Ok(None);
+        };
+        let diff_id = image.diff_ids.get(pos).cloned().ok_or_else(|| {
+            format!("{reference}: the image config has no diff ID for layer {pos}")
+        })?;
+        let ztoc = fetch_ztoc(
+            &self.client,
+            self.artifacts.as_ref(),
+            &image.reference,
+            zdesc,
+        )
+        .await
+        .map_err(|e: IndexError| e.to_string())?;
+        if ztoc.compressed_size != layer_desc.size {
+            return Err(format!(
+                "zTOC {} is for a {}-byte blob, the layer has {}",
+                zdesc.digest, ztoc.compressed_size, layer_desc.size
+            ));
+        }
+        let blob = BlobLocator::new(image.reference.clone(), &layer_desc.digest);
+        let diff_size = self.diff_size(&blob, &ztoc).await;
+        let compression = match ztoc.compression {
+            Compression::Gzip { .. } => 2,
+            Compression::Uncompressed { .. } => 0,
+        };
+        let info = serde_json::json!({
+            "compressed-diff-digest": layer_desc.digest,
+            "compressed-size": layer_desc.size,
+            "diff-digest": diff_id,
+            "diff-size": diff_size,
+            "compression": compression,
+            "toc-digest": zdesc.digest,
+            "flags": {"expected-layer-diffid": diff_id},
+        });
+        let ztoc = Arc::new(ztoc);
+        let reader = LayerReader::new(
+            ztoc.clone(),
+            RemoteLayer::new(self.spans.clone(), blob.clone(), self.runtime.clone()),
+        )
+        .with_span_cache(2);
+        let layer = Arc::new(Layer {
+            reference: image.reference.clone(),
+            blob,
+            ztoc_digest: zdesc.digest.clone(),
+            tree: LayerTree::build(&ztoc),
+            ztoc,
+            info: serde_json::to_vec(&info).expect("json"),
+            blob_size: layer_desc.size,
+            reader,
+            uses: AtomicI64::new(0),
+        });
+        if self.background_fetch {
+            let (ctx, l) = (self.clone(), layer.clone());
+            self.runtime.spawn(async move { ctx.fetch_all(&l).await });
+        }
+        // Podman asks one layer at a time under a lock: resolve the others now.
+        for other in layers.iter().filter(|l| l.digest != layer_desc.digest) {
+            let (ctx, r, d) = (self.clone(), reference.to_string(), other.digest.clone());
+            self.runtime.spawn(ctx.layer_boxed(r, d));
+        }
+        Ok(Some(layer))
+    }
+
+    /// The uncompressed tar size podman records (`diff-size`): the zTOC knows the archive up to
+    /// its end blocks; writers may pad after them, which the gzip trailer's ISIZE tells.
+    async fn diff_size(&self, blob: &BlobLocator, z: &Ztoc) -> u64 {
+        let Compression::Gzip { .. } = z.compression else {
+            return z.compressed_size;
+        };
+        let n = z.compressed_size;
+        let Ok(tail) = self
+            .spans
+            .fetchers()
+            .read_range(blob, n.saturating_sub(4)..n)
+            .await
+        else {
+            return z.uncompressed_size;
+        };
+        let isize = u32::from_le_bytes(tail[..4].try_into().unwrap_or([0; 4])) as u64;
+        let u = z.uncompressed_size;
+        [u, u.div_ceil(10240) * 10240, u.div_ceil(512) * 512]
+            .into_iter()
+            .find(|c| c % (1 << 32) == isize)
+            .unwrap_or(u)
+    }
+
+    /// Fetches every span of the layer, one at a time, so that it ends up fully local.
+    async fn fetch_all(&self, layer: &Layer) {
+        for id in 0..layer.ztoc.span_count() {
+            if let Err(e) = self.spans.span(&layer.blob, &layer.ztoc, id).await {
+                tracing::warn!(blob = %layer.blob, span = id, "background fetch stopped: {e}");
+                return;
+            }
+        }
+        tracing::info!(blob = %layer.blob, "layer fully local");
+    }
+}

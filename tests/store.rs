@@ -1,0 +1,323 @@
+//! The podman store end to end: the real registry, `soci-store convert`, `soci-store serve` on a
+//! real FUSE mount, and the host's podman 4.3.1 pulling and running through it.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::podman::{Podman, LIST_FILES};
+use common::servers::{registry, Pusher, RegistryOpts, Server};
+use common::*;
+
+/// The store daemon; killed and its mount removed on drop, even when the test fails.
+struct Daemon {
+    child: Child,
+    mnt: PathBuf,
+    log: PathBuf,
+}
+
+fn mounted(mnt: &Path) -> bool {
+    let m = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    m.lines()
+        .any(|l| l.split(' ').nth(1) == Some(mnt.to_str().unwrap()))
+}
+
+impl Daemon {
+    fn start(cfg: &Path, mnt: &Path, log: &Path) -> Daemon {
+        std::fs::create_dir_all(mnt).unwrap();
+        let f = std::fs::File::create(log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_soci-store"))
+            .arg("--config")
+            .arg(cfg)
+            .arg("serve")
+            .arg(mnt)
+            .env("SOCI_STORE_LOG", "info")
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut d = Daemon {
+            child,
+            mnt: mnt.to_path_buf(),
+            log: log.to_path_buf(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !mounted(mnt) {
+            if let Ok(Some(s)) = d.child.try_wait() {
+                panic!("soci-store serve exited with {s}: {}", d.log_text());
+            }
+            assert!(Instant::now() < deadline, "not mounted after 30 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, and wait for a clean exit.
+    fn stop(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if mounted(&self.mnt) {
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
+    }
+}
+
+struct Env {
+    reg: Server,
+    dir: tempfile::TempDir,
+    cfg: PathBuf,
+    diff_ids: Vec<String>,
+    layer_digests: Vec<String>,
+}
+
+async fn setup() -> Env {
+    let reg = registry(RegistryOpts::default());
+    let layers = soci_test_image();
+    let gz: Vec<Vec<u8>> = layers.iter().map(|(_, g)| g.clone()).collect();
+    let diff_ids: Vec<String> = layers
+        .iter()
+        .map(|(t, _)| common::servers::sha256_digest(t))
+        .collect();
+    let (_, layer_digests) = Pusher::new(&reg)
+        .image("test/app", "v1", &gz, &diff_ids)
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "artifacts = \"{a}/artifacts\"\n[[fetchers]]\ntype = \"registry\"\ninsecure = [\"{r}\"]\nregistries_conf = \"/nonexistent\"\n\
+             [cache]\ntype = \"tiered\"\nmemory_bytes = \"64MiB\"\npath = \"{a}/cache\"\ndisk_bytes = \"1GiB\"\n",
+            a = dir.path().display(),
+            r = reg.addr()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_soci-store"))
+        .arg("--config")
+        .arg(&cfg)
+        .args(["convert", "--quiet", "--span-size", "1MiB"])
+        .arg(format!("{}/test/app:v1", reg.addr()))
+        .arg(format!("{}/test/app:v1-soci", reg.addr()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Env {
+        reg,
+        dir,
+        cfg,
+        diff_ids,
+        layer_digests,
+    }
+}
+
+fn run_listing(p: &Podman, image: &str) -> String {
+    p.run(&["pull", "-q", "--tls-verify=false", image]);
+    let out = p.run(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        image,
+        "/bin/busybox",
+        "sh",
+        "-c",
+        LIST_FILES,
+    ]);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn podman_4_pulls_and_runs_lazily_through_the_store() {
+    let env = setup().await;
+    let mnt = env.dir.path().join("store");
+    let mut daemon = Daemon::start(&env.cfg, &mnt, &env.dir.path().join("daemon.log"));
+
+    let plain = run_listing(&Podman::new(), &format!("{}/test/app:v1", env.reg.addr()));
+    let log_before = env.reg.log_text().len();
+
+    let mut lazy = Podman::new();
+    lazy.storage_opts.push(format!(
+        "overlay.additionallayerstore={}:ref",
+        mnt.display()
+    ));
+    let image = format!("{}/test/app:v1-soci", env.reg.addr());
+    let listing = run_listing(&lazy, &image);
+    assert_eq!(listing, plain, "the lazily pulled image has the same files");
+    assert!(
+        !listing.contains("gone.txt") && !listing.contains("old.txt"),
+        "whiteouts and opaque dirs hide: {listing}"
+    );
+
+    // No full GET of an indexed layer: only ranged reads (206) by the store.
+    let log = env.reg.log_text()[log_before..].to_string();
+    for d in &env.layer_digests[..2] {
+        let full = log
+            .lines()
+            .filter(|l| l.contains(&format!("/blobs/{d} ")) && l.contains("\" 200 "))
+            .count();
+        assert_eq!(full, 0, "indexed layer {d} was downloaded whole:\n{log}");
+    }
+    // The small unindexed layer was downloaded by podman itself.
+    let small = &env.layer_digests[2];
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&format!("/blobs/{small} ")) && l.contains("\" 200 ")),
+        "{log}"
+    );
+
+    // podman save reads `blob` and checks it against the diff IDs.
+    let archive = env.dir.path().join("saved.tar");
+    lazy.run(&["save", "-o", archive.to_str().unwrap(), &image]);
+    let mut ar = tar::Archive::new(std::fs::File::open(&archive).unwrap());
+    let mut layer_sums = Vec::new();
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let name = e.path().unwrap().to_string_lossy().into_owned();
+        if name.ends_with(".tar") {
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut e, &mut data).unwrap();
+            layer_sums.push(common::servers::sha256_digest(&data));
+        }
+    }
+    for id in &env.diff_ids {
+        assert!(
+            layer_sums.contains(id),
+            "saved layers {layer_sums:?} lack {id}"
+        );
+    }
+
+    // rmi releases the layers: every use is matched by a release.
+    lazy.run(&["rmi", "-f", &image]);
+    let dlog = daemon.log_text();
+    for d in &env.layer_digests[..2] {
+        let last = dlog
+            .lines()
+            .filter(|l| l.contains(d.as_str()) && (l.contains(" use") || l.contains(" release")))
+            .next_back()
+            .unwrap_or_else(|| panic!("no use/release for {d}: {dlog}"));
+        assert!(last.contains("uses=0"), "{d}: {last}");
+    }
+
+    // An image without an index pulls and runs normally with the store configured.
+    assert_eq!(
+        run_listing(&lazy, &format!("{}/test/app:v1", env.reg.addr())),
+        plain
+    );
+
+    drop(lazy);
+    let status = daemon.stop();
+    assert!(
+        status.success(),
+        "serve exited with {status}: {}",
+        daemon.log_text()
+    );
+    assert!(!mounted(&mnt), "unmounted on SIGTERM");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn store_tree_answers_like_the_protocol_says() {
+    use base64::Engine;
+    let env = setup().await;
+    let mnt = env.dir.path().join("store");
+    let _daemon = Daemon::start(&env.cfg, &mnt, &env.dir.path().join("daemon.log"));
+    let image = format!("{}/test/app:v1-soci", env.reg.addr());
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&image);
+    let layer = mnt.join(&b64).join(&env.layer_digests[0]);
+    let ztoc_path = {
+        let info: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(layer.join("info")).unwrap()).unwrap();
+        assert_eq!(info["diff-digest"], env.diff_ids[0].as_str());
+        assert_eq!(
+            info["flags"]["expected-layer-diffid"],
+            env.diff_ids[0].as_str()
+        );
+        assert_eq!(
+            info["compressed-diff-digest"],
+            env.layer_digests[0].as_str()
+        );
+        assert_eq!(info["compression"], 2);
+        mnt.join(&b64).join(info["toc-digest"].as_str().unwrap())
+    };
+    // The same layer by its zTOC digest (podman >= 5.1).
+    assert!(ztoc_path.join("diff/data/big-random.bin").exists());
+    let diff = layer.join("diff");
+    assert_eq!(
+        std::fs::read(diff.join("data/big-random.bin")).unwrap(),
+        random_bytes(12 << 20, 11)
+    );
+    assert_eq!(
+        std::fs::read_link(diff.join("etc/hello-link")).unwrap(),
+        Path::new("hello.txt")
+    );
+    use std::os::unix::fs::MetadataExt;
+    let a = std::fs::metadata(diff.join("data/text.txt")).unwrap();
+    let b = std::fs::metadata(diff.join("data/text-hardlink.txt")).unwrap();
+    assert_eq!(
+        (a.ino(), a.nlink()),
+        (b.ino(), 2),
+        "hardlinks share an inode"
+    );
+    assert_eq!(
+        std::fs::metadata(diff.join("bin/suid")).unwrap().mode() & 0o7777,
+        0o4755
+    );
+    let xattr = Command::new("getfattr")
+        .args(["--only-values", "-n", "user.soci"])
+        .arg(diff.join("etc/xattr.txt"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&xattr.stdout), "yes");
+    // The top layer: a whiteout is a 0:0 char device; the opaque dir says so in an xattr.
+    let top = mnt.join(&b64).join(&env.layer_digests[1]).join("diff");
+    use std::os::unix::fs::FileTypeExt;
+    let wh = std::fs::symlink_metadata(top.join("etc/gone.txt")).unwrap();
+    assert!(wh.file_type().is_char_device() && wh.rdev() == 0);
+    let opq = Command::new("getfattr")
+        .args(["--only-values", "-n", "trusted.overlay.opaque"])
+        .arg(top.join("opaque"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&opq.stdout), "y");
+    // Unknown names and the unindexed layer: ENOENT.
+    assert!(!layer.join("diff1").exists());
+    assert!(!mnt
+        .join(&b64)
+        .join(&env.layer_digests[2])
+        .join("diff")
+        .exists());
+    // podman's `use` notification: open(O_CREAT) answers ENOENT.
+    let used = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(layer.join("use"));
+    assert_eq!(
+        used.map_err(|e| e.kind()).err(),
+        Some(std::io::ErrorKind::NotFound)
+    );
+    // blob is the compressed layer, byte for byte.
+    let blob = std::fs::read(layer.join("blob")).unwrap();
+    assert_eq!(common::servers::sha256_digest(&blob), env.layer_digests[0]);
+}
