@@ -214,8 +214,7 @@ async fn podman_4_pulls_and_runs_lazily_through_the_store() {
     for d in &env.layer_digests[..2] {
         let last = dlog
             .lines()
-            .filter(|l| l.contains(d.as_str()) && (l.contains(" use") || l.contains(" release")))
-            .next_back()
+            .rfind(|l| l.contains(d.as_str()) && (l.contains(" use") || l.contains(" release")))
             .unwrap_or_else(|| panic!("no use/release for {d}: {dlog}"));
         assert!(last.contains("uses=0"), "{d}: {last}");
     }
