@@ -26,6 +26,10 @@ fn mounted(mnt: &Path) -> bool {
 
 impl Daemon {
     fn start(cfg: &Path, mnt: &Path, log: &Path) -> Daemon {
+        Self::start_with(cfg, mnt, log, &[])
+    }
+
+    fn start_with(cfg: &Path, mnt: &Path, log: &Path, extra: &[&str]) -> Daemon {
         std::fs::create_dir_all(mnt).unwrap();
         let f = std::fs::File::create(log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_soci-store"))
@@ -33,6 +37,7 @@ impl Daemon {
             .arg(cfg)
             .arg("serve")
             .arg(mnt)
+            .args(extra)
             .env("SOCI_STORE_LOG", "info")
             .stdout(f.try_clone().unwrap())
             .stderr(f)
@@ -88,6 +93,11 @@ struct Env {
 }
 
 async fn setup() -> Env {
+    setup_with("").await
+}
+
+/// `fetcher_extra` adds options to the registry fetcher (e.g. a short deadline).
+async fn setup_with(fetcher_extra: &str) -> Env {
     let reg = registry(RegistryOpts::default());
     let layers = soci_test_image();
     let gz: Vec<Vec<u8>> = layers.iter().map(|(_, g)| g.clone()).collect();
@@ -103,7 +113,7 @@ async fn setup() -> Env {
     std::fs::write(
         &cfg,
         format!(
-            "artifacts = \"{a}/artifacts\"\n[[fetchers]]\ntype = \"registry\"\ninsecure = [\"{r}\"]\nregistries_conf = \"/nonexistent\"\n\
+            "artifacts = \"{a}/artifacts\"\n[[fetchers]]\ntype = \"registry\"\ninsecure = [\"{r}\"]\nregistries_conf = \"/nonexistent\"\n{fetcher_extra}\n\
              [cache]\ntype = \"tiered\"\nmemory_bytes = \"64MiB\"\npath = \"{a}/cache\"\ndisk_bytes = \"1GiB\"\n",
             a = dir.path().display(),
             r = reg.addr()
@@ -319,4 +329,49 @@ async fn store_tree_answers_like_the_protocol_says() {
     // blob is the compressed layer, byte for byte.
     let blob = std::fs::read(layer.join("blob")).unwrap();
     assert_eq!(common::servers::sha256_digest(&blob), env.layer_digests[0]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn registry_outage_gives_eio_in_bounded_time_and_recovers() {
+    use base64::Engine;
+    let mut env = setup_with("deadline = 4.0\nrequest_timeout = 1.0").await;
+    let mnt = env.dir.path().join("store");
+    let _daemon = Daemon::start_with(
+        &env.cfg,
+        &mnt,
+        &env.dir.path().join("daemon.log"),
+        &["--no-background-fetch"],
+    );
+    let b64 = base64::engine::general_purpose::STANDARD
+        .encode(format!("{}/test/app:v1-soci", env.reg.addr()));
+    let diff = mnt.join(&b64).join(&env.layer_digests[0]).join("diff");
+    // Cached before the outage.
+    let hello = std::fs::read(diff.join("etc/hello.txt")).unwrap();
+    assert_eq!(hello, b"hello from the base layer\n");
+
+    env.reg.stop();
+    assert_eq!(
+        std::fs::read(diff.join("etc/hello.txt")).unwrap(),
+        hello,
+        "cached reads still work"
+    );
+    let t = Instant::now();
+    let err = std::fs::read(diff.join("data/big-random.bin")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc_eio()), "{err}");
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "EIO came after {:?}",
+        t.elapsed()
+    );
+
+    env.reg.restart();
+    let data = std::fs::read(diff.join("data/big-random.bin")).unwrap();
+    assert!(
+        data == random_bytes(12 << 20, 11),
+        "reads succeed again once the registry is back"
+    );
+}
+
+fn libc_eio() -> i32 {
+    5
 }

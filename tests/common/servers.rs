@@ -22,6 +22,8 @@ pub struct Server {
     child: Child,
     pub port: u16,
     pub log: PathBuf,
+    /// How to start it again (program, arguments).
+    argv: Vec<std::ffi::OsString>,
     _dir: tempfile::TempDir,
 }
 
@@ -44,6 +46,22 @@ impl Server {
     pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Starts the stopped server again on the same port and data.
+    pub fn restart(&mut self) {
+        self.stop();
+        let mut cmd = Command::new(&self.argv[0]);
+        cmd.args(&self.argv[1..]).env_remove("AWS_CA_BUNDLE");
+        let f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        cmd.stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .stdin(Stdio::null());
+        self.child = cmd.spawn().unwrap();
+        wait_for_port(self.port, &mut self.child, &self.log);
     }
 }
 
@@ -74,6 +92,9 @@ fn spawn(mut cmd: Command, dir: tempfile::TempDir, port: u16) -> Server {
     cmd.stdout(f.try_clone().unwrap())
         .stderr(f)
         .stdin(Stdio::null());
+    let argv = std::iter::once(cmd.get_program().to_os_string())
+        .chain(cmd.get_args().map(|a| a.to_os_string()))
+        .collect();
     let mut child = cmd
         .spawn()
         .unwrap_or_else(|e| panic!("starting {cmd:?}: {e} (does .ci/run install it?)"));
@@ -82,6 +103,7 @@ fn spawn(mut cmd: Command, dir: tempfile::TempDir, port: u16) -> Server {
         child,
         port,
         log,
+        argv,
         _dir: dir,
     }
 }
