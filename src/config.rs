@@ -49,6 +49,9 @@ pub struct Config {
     /// The local artifact store: SOCI indexes and zTOCs built or fetched.
     #[serde(default = "default_artifacts")]
     pub artifacts: PathBuf,
+    /// `host:port` for the store's Prometheus endpoint; off when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_address: Option<String>,
 }
 
 fn default_artifacts() -> PathBuf {
@@ -72,6 +75,7 @@ impl Default for Config {
             fetchers: default_fetchers(),
             cache: default_cache(),
             artifacts: default_artifacts(),
+            metrics_address: None,
         }
     }
 }

@@ -2,6 +2,7 @@
 //! however many readers want it, and every fetched span verified before it is cached or served.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -14,12 +15,23 @@ use crate::ztoc::{Ztoc, ZtocError};
 
 type Flight = Arc<OnceCell<Result<Bytes, Arc<FetchError>>>>;
 
+/// Counters of the span stack (read by the metrics endpoint).
+#[derive(Debug, Default)]
+pub struct SpanStats {
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
+    pub spans_fetched: AtomicU64,
+    pub bytes_fetched: AtomicU64,
+    pub fetch_errors: AtomicU64,
+}
+
 /// Cache + fetchers with single-flight fetching.
 #[derive(Debug)]
 pub struct SpanStore {
     fetchers: FetcherChain,
     cache: Arc<dyn SpanCache>,
     inflight: Mutex<HashMap<SpanKey, Flight>>,
+    pub stats: SpanStats,
 }
 
 impl SpanStore {
@@ -28,6 +40,7 @@ impl SpanStore {
             fetchers,
             cache,
             inflight: Mutex::default(),
+            stats: SpanStats::default(),
         }
     }
 
@@ -41,7 +54,11 @@ impl SpanStore {
 
     /// A cached span, without touching the network.
     pub fn cached(&self, blob: &BlobLocator, id: usize) -> Option<Bytes> {
-        self.cache.get(&SpanKey::new(&blob.digest, id))
+        let hit = self.cache.get(&SpanKey::new(&blob.digest, id));
+        if hit.is_some() {
+            self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+        }
+        hit
     }
 
     /// Span `id` of `blob`, verified: from the cache, or fetched once for all concurrent callers.
@@ -53,8 +70,10 @@ impl SpanStore {
     ) -> Result<Bytes, Arc<FetchError>> {
         let key = SpanKey::new(&blob.digest, id);
         if let Some(b) = self.cache.get(&key) {
+            self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(b);
         }
+        self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
         let flight: Flight = self
             .inflight
             .lock()
@@ -88,9 +107,19 @@ impl SpanStore {
         let mut last = None;
         // One more try on a digest mismatch: a proxy or connection may have altered the bytes.
         for _ in 0..2 {
-            let data = self.fetchers.read_range(blob, range.clone()).await?;
+            let data = match self.fetchers.read_range(blob, range.clone()).await {
+                Ok(d) => d,
+                Err(e) => {
+                    self.stats.fetch_errors.fetch_add(1, Ordering::Relaxed);
+                    return Err(e);
+                }
+            };
+            self.stats
+                .bytes_fetched
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
             match verify_span(ztoc, id, &data) {
                 Ok(()) => {
+                    self.stats.spans_fetched.fetch_add(1, Ordering::Relaxed);
                     self.cache.put(key, data.clone());
                     return Ok(data);
                 }

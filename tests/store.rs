@@ -249,6 +249,13 @@ async fn podman_4_pulls_and_runs_lazily_through_the_store() {
 async fn store_tree_answers_like_the_protocol_says() {
     use base64::Engine;
     let env = setup().await;
+    let metrics_port = common::servers::free_port();
+    let cfg = std::fs::read_to_string(&env.cfg).unwrap();
+    std::fs::write(
+        &env.cfg,
+        format!("metrics_address = \"127.0.0.1:{metrics_port}\"\n{cfg}"),
+    )
+    .unwrap();
     let mnt = env.dir.path().join("store");
     let _daemon = Daemon::start(&env.cfg, &mnt, &env.dir.path().join("daemon.log"));
     let image = format!("{}/test/app:v1-soci", env.reg.addr());
@@ -329,6 +336,26 @@ async fn store_tree_answers_like_the_protocol_says() {
     // blob is the compressed layer, byte for byte.
     let blob = std::fs::read(layer.join("blob")).unwrap();
     assert_eq!(common::servers::sha256_digest(&blob), env.layer_digests[0]);
+
+    // The metrics endpoint counts what happened.
+    let text = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
+            .parse()
+            .unwrap()
+    };
+    assert!(value("soci_store_spans_fetched_total") >= 1.0, "{text}");
+    assert!(value("soci_store_bytes_fetched_total") > 0.0);
+    assert!(value("soci_store_read_seconds_count") >= 2.0);
+    assert!(value("soci_store_layers_served") >= 2.0);
+    assert_eq!(value("soci_store_fuse_errors_total"), 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread")]

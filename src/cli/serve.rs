@@ -43,6 +43,11 @@ impl ServeArgs {
         let mut sc = StoreContext::new(client, spans, Some(artifacts), rt.handle().clone());
         sc.lookup_timeout = Duration::from_secs_f64(self.lookup_timeout);
         sc.background_fetch = !self.no_background_fetch;
-        store::serve(Arc::new(sc), &self.mountpoint, self.threads)
+        store::serve(
+            Arc::new(sc),
+            &self.mountpoint,
+            self.threads,
+            config.metrics_address.clone(),
+        )
     }
 }

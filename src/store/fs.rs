@@ -369,6 +369,7 @@ impl Filesystem for StoreFs {
                 match self.ctx.runtime.block_on(fut) {
                     Ok(b) => reply.data(&b),
                     Err(e) => {
+                        self.ctx.stats.fuse_errors.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(blob = %l.blob, "blob read failed: {e}");
                         reply.error(Errno::EIO)
                     }
@@ -378,10 +379,14 @@ impl Filesystem for StoreFs {
             None => match self.diff_node(ino.0) {
                 Some((layer, idx)) => match layer.tree.nodes[idx].kind {
                     NodeKind::File { entry, .. } => {
+                        let started = std::time::Instant::now();
                         let mut buf = vec![0u8; size as usize];
-                        match layer.reader.read_entry(entry, offset, &mut buf) {
+                        let result = layer.reader.read_entry(entry, offset, &mut buf);
+                        self.ctx.stats.read_done(started.elapsed());
+                        match result {
                             Ok(n) => reply.data(&buf[..n]),
                             Err(e) => {
+                                self.ctx.stats.fuse_errors.fetch_add(1, Ordering::Relaxed);
                                 tracing::warn!(blob = %layer.blob, "read failed: {e}");
                                 reply.error(Errno::EIO)
                             }

@@ -32,6 +32,7 @@ pub struct StoreContext {
     pub lookup_timeout: Duration,
     /// Fetch every layer completely in the background once it is resolved.
     pub background_fetch: bool,
+    pub stats: Arc<super::metrics::StoreStats>,
     images: Memo<String, Arc<ImageInfo>>,
     layers: Memo<(String, String), Option<Arc<Layer>>>,
 }
@@ -84,6 +85,7 @@ impl StoreContext {
             platform: Platform::host(),
             lookup_timeout: Duration::from_secs(30),
             background_fetch: true,
+            stats: Arc::default(),
             images: Mutex::default(),
             layers: Mutex::default(),
         }
@@ -225,6 +227,9 @@ impl StoreContext {
             reader,
             uses: AtomicI64::new(0),
         });
+        self.stats
+            .layers_served
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if self.background_fetch {
             let (ctx, l) = (self.clone(), layer.clone());
             self.runtime.spawn(async move { ctx.fetch_all(&l).await });
@@ -268,6 +273,9 @@ impl StoreContext {
                 return;
             }
         }
+        self.stats
+            .layers_local
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(blob = %layer.blob, "layer fully local");
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod fs;
 pub mod layers;
+pub mod metrics;
 pub mod tree;
 
 use std::path::Path;
@@ -86,9 +87,26 @@ pub fn notify_ready() {
     }
 }
 
-/// Mounts the store at `mountpoint` and serves until SIGINT or SIGTERM, then unmounts.
-pub fn serve(ctx: Arc<StoreContext>, mountpoint: &Path, threads: usize) -> Result<()> {
+/// Mounts the store at `mountpoint` and serves until SIGINT or SIGTERM, then unmounts. With a
+/// `metrics_address`, also serves Prometheus metrics there.
+pub fn serve(
+    ctx: Arc<StoreContext>,
+    mountpoint: &Path,
+    threads: usize,
+    metrics_address: Option<String>,
+) -> Result<()> {
     prepare_mountpoint(mountpoint)?;
+    if let Some(addr) = metrics_address {
+        let (stats, spans) = (ctx.stats.clone(), ctx.spans.clone());
+        let listener = ctx
+            .runtime
+            .spawn(metrics::serve_metrics(addr.clone(), stats, spans));
+        ctx.runtime.spawn(async move {
+            if let Ok(Err(e)) = listener.await {
+                tracing::error!("metrics endpoint {addr}: {e}");
+            }
+        });
+    }
     let fs = StoreFs::new(ctx.clone());
     let session = fuser::spawn_mount(fs, mountpoint, &fuse_config(threads))
         .with_context(|| format!("mounting the store at {}", mountpoint.display()))?;
