@@ -402,3 +402,183 @@ async fn registry_outage_gives_eio_in_bounded_time_and_recovers() {
 fn libc_eio() -> i32 {
     5
 }
+
+/// The Debian 13 chroot with podman 5 that `.ci/podman5-chroot.sh` makes, bind-mounted the way
+/// podman needs it; everything is unmounted on drop.
+struct Chroot {
+    root: PathBuf,
+    mounts: Vec<PathBuf>,
+}
+
+fn sh(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Chroot {
+    fn enter() -> Chroot {
+        let root = PathBuf::from(
+            std::env::var("SOCI_PODMAN5_ROOT")
+                .unwrap_or_else(|_| "/var/cache/soci-store-ci/trixie".into()),
+        );
+        assert!(
+            root.join("usr/bin/podman").exists(),
+            "no podman 5 chroot at {} (.ci/run makes it with .ci/podman5-chroot.sh)",
+            root.display()
+        );
+        let mut c = Chroot {
+            root: root.clone(),
+            mounts: Vec::new(),
+        };
+        let r = |p: &str| root.join(p);
+        c.mount(
+            &["--bind", root.to_str().unwrap(), root.to_str().unwrap()],
+            &root,
+        );
+        sh(Command::new("mount").args(["--make-private"]).arg(&root));
+        c.mount(
+            &["-t", "proc", "proc", r("proc").to_str().unwrap()],
+            &r("proc"),
+        );
+        c.mount(&["--rbind", "/sys", r("sys").to_str().unwrap()], &r("sys"));
+        sh(Command::new("mount").args(["--make-rslave"]).arg(r("sys")));
+        c.mount(&["--bind", "/dev", r("dev").to_str().unwrap()], &r("dev"));
+        c.mount(
+            &["--bind", "/dev/pts", r("dev/pts").to_str().unwrap()],
+            &r("dev/pts"),
+        );
+        c.mount(
+            &["-t", "tmpfs", "tmpfs", r("run").to_str().unwrap()],
+            &r("run"),
+        );
+        std::fs::create_dir_all(r("etc/soci-test")).unwrap();
+        std::fs::write(
+            r("etc/soci-test/containers.conf"),
+            "[containers]\ndefault_ulimits = [\"nofile=1024:4096\", \"nproc=1024:4096\"]\nnetns = \"none\"\n\
+             [engine]\nruntime = \"runc\"\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\n",
+        )
+        .unwrap();
+        c
+    }
+
+    fn mount(&mut self, args: &[&str], at: &Path) {
+        sh(Command::new("mount").args(args));
+        self.mounts.push(at.to_path_buf());
+    }
+
+    /// podman 5 inside the chroot with its own graph root and the store.
+    fn podman(&self, args: &[&str]) -> std::process::Output {
+        let out = Command::new("chroot")
+            .arg(&self.root)
+            .args([
+                "env",
+                "PODMAN_IGNORE_CGROUPSV1_WARNING=1",
+                "CONTAINERS_CONF=/etc/soci-test/containers.conf",
+                "podman",
+            ])
+            .args([
+                "--root",
+                "/var/lib/soci-test/root",
+                "--runroot",
+                "/run/soci-test",
+                "--storage-driver",
+                "overlay",
+            ])
+            .args([
+                "--storage-opt",
+                "overlay.additionallayerstore=/var/lib/soci-store/store:ref",
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "podman 5 {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+}
+
+impl Drop for Chroot {
+    fn drop(&mut self) {
+        let _ = Command::new("chroot")
+            .arg(&self.root)
+            .args([
+                "env",
+                "CONTAINERS_CONF=/etc/soci-test/containers.conf",
+                "podman",
+                "--root",
+                "/var/lib/soci-test/root",
+            ])
+            .args(["--runroot", "/run/soci-test", "system", "reset", "-f"])
+            .output();
+        // Whatever podman left mounted below the graph root, then ours in reverse order.
+        let graph = self.root.join("var/lib/soci-test");
+        if let Ok(m) = std::fs::read_to_string("/proc/self/mounts") {
+            let mut left: Vec<&str> = m
+                .lines()
+                .filter_map(|l| l.split(' ').nth(1))
+                .filter(|p| p.starts_with(graph.to_str().unwrap_or("-")))
+                .collect();
+            left.sort_by_key(|p| std::cmp::Reverse(p.len()));
+            for p in left {
+                let _ = Command::new("umount").arg("-l").arg(p).status();
+            }
+        }
+        for m in self.mounts.iter().rev() {
+            let ok = Command::new("umount")
+                .arg("-R")
+                .arg(m)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                let _ = Command::new("umount").arg("-l").arg(m).status();
+            }
+        }
+        let _ = std::fs::remove_dir_all(graph);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn podman_5_pulls_and_runs_lazily_through_the_store() {
+    let env = setup().await;
+    let plain = run_listing(&Podman::new(), &format!("{}/test/app:v1", env.reg.addr()));
+    let chroot = Chroot::enter();
+    let mnt = chroot.root.join("var/lib/soci-store/store");
+    let daemon = Daemon::start(&env.cfg, &mnt, &env.dir.path().join("daemon.log"));
+    let log_before = env.reg.log_text().len();
+
+    let image = format!("{}/test/app:v1-soci", env.reg.addr());
+    chroot.podman(&["pull", "-q", "--tls-verify=false", &image]);
+    let out = chroot.podman(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        &image,
+        "/bin/busybox",
+        "sh",
+        "-c",
+        LIST_FILES,
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), plain);
+
+    let log = env.reg.log_text()[log_before..].to_string();
+    for d in &env.layer_digests[..2] {
+        let full = log
+            .lines()
+            .filter(|l| l.contains(&format!("/blobs/{d} ")) && l.contains("\" 200 "))
+            .count();
+        assert_eq!(full, 0, "indexed layer {d} was downloaded whole:\n{log}");
+    }
+    // podman 5 asked for the layers by their zTOC digests.
+    let dlog = daemon.log_text();
+    assert!(dlog.contains(" use"), "podman 5 used the store: {dlog}");
+    drop(daemon);
+}
