@@ -4,7 +4,8 @@
 # of a private network namespace, which holds the registry, the store and podman); bytes fetched
 # for the lazy start; warm sequential read throughput of a 500 MB file through the mount against
 # local disk; daemon RSS. Medians of REPS (default 3) alternating runs.
-#   usage: benches/store.sh [WORKDIR]     (shares the debootstrap tree with benches/ztoc.sh)
+#   usage: [REPS=3] [SPAN_SIZE=4MiB] benches/store.sh [WORKDIR]
+#   (shares the debootstrap tree with benches/ztoc.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work="${1:-target/bench}"
@@ -18,7 +19,9 @@ cargo build --release --quiet
 bin="$PWD/target/release/soci-store"
 tmp=$(mktemp -d /var/tmp/soci-bench.XXXXXX)
 ns=soci-bench-$$
-in_ns() { ip netns exec "$ns" "$@"; }
+# nsenter enters only the network namespace (ip netns exec would also remount /sys, hiding
+# the cgroup mounts podman needs, and give FUSE mounts their own mount namespace).
+in_ns() { nsenter --net="/var/run/netns/$ns" "$@"; }
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -86,7 +89,8 @@ memory_bytes = "256MiB"
 path = "$tmp/cache"
 disk_bytes = "4GiB"
 C
-in_ns "$bin" --config "$tmp/config.toml" convert --quiet "127.0.0.1:$port/app:v1" "127.0.0.1:$port/app:soci"
+span="${SPAN_SIZE:-4MiB}"
+in_ns "$bin" --config "$tmp/config.toml" convert --quiet --span-size "$span" "127.0.0.1:$port/app:v1" "127.0.0.1:$port/app:soci"
 in_ns "$bin" --config "$tmp/config.toml" convert --quiet "127.0.0.1:$port/big:v1" "127.0.0.1:$port/big:soci"
 
 cat > "$tmp/containers.conf" <<C
@@ -123,14 +127,15 @@ for i in $(seq "$reps"); do
   in_ns "$bin" --config "$tmp/config.toml" serve "$tmp/mnt" --no-background-fetch >"$tmp/serve.log" 2>&1 &
   spid=$!; pids+=($spid)
   until grep -q " $tmp/mnt " /proc/self/mounts; do sleep 0.05; done
-  rss_idle=$(awk '/VmRSS/ {print $2}' /proc/$spid/status)
+  dpid=$(pgrep -n -f -- "serve $tmp/mnt")
+  rss_idle=$(awk '/VmRSS/ {print $2}' /proc/$dpid/status)
   g="$tmp/g-lazy"; reset_graph "$g"
   t0=$(now)
   out=$(pm "$g" --storage-opt "overlay.additionallayerstore=$tmp/mnt:ref" run --rm --tls-verify=false "127.0.0.1:$port/app:soci" "${ready_cmd[@]}")
   t1=$(now); [ "$out" = ready ] || { echo "lazy run printed: $out"; exit 1; }
   lazy+=("$(echo "$t1 - $t0" | bc)")
   fetched+=("$(in_ns curl -sf http://127.0.0.1:9300/metrics | awk '/^soci_store_bytes_fetched_total/ {print $2}')")
-  rss_peak=$(awk '/VmHWM/ {print $2}' /proc/$spid/status)
+  rss_peak=$(awk '/VmHWM/ {print $2}' /proc/$dpid/status)
   reset_graph "$g"
   kill -TERM "$spid"; wait "$spid" || true
 done
@@ -141,6 +146,7 @@ rm -rf "$tmp/cache" "$tmp/artifacts"
 in_ns "$bin" --config "$tmp/config.toml" serve "$tmp/mnt" --no-background-fetch >"$tmp/serve.log" 2>&1 &
 spid=$!; pids+=($spid)
 until grep -q " $tmp/mnt " /proc/self/mounts; do sleep 0.05; done
+dpid=$(pgrep -n -f -- "serve $tmp/mnt")
 big_digest=$(python3 -c "import json; m=json.load(open('$tmp/big/blobs/sha256/'+json.load(open('$tmp/big/index.json'))['manifests'][0]['digest'][7:])); print(m['layers'][0]['digest'])")
 b64=$(printf '%s' "127.0.0.1:$port/big:soci" | base64 -w0)
 f="$tmp/mnt/$b64/$big_digest/diff/big.bin"
@@ -148,11 +154,12 @@ in_ns cat "$f" > /dev/null                 # cold: fetches every span once
 t0=$(now); dd if="$f" of=/dev/null bs=1M status=none; t1=$(now); t_mount=$(echo "$t1 - $t0" | bc)
 cat "$tmp/bigroot/big.bin" > /dev/null      # page cache warm, like the store's caches
 t0=$(now); dd if="$tmp/bigroot/big.bin" of=/dev/null bs=1M status=none; t1=$(now); t_disk=$(echo "$t1 - $t0" | bc)
-rss_read=$(awk '/VmHWM/ {print $2}' /proc/$spid/status)
+rss_read=$(awk '/VmHWM/ {print $2}' /proc/$dpid/status)
 kill -TERM "$spid"; wait "$spid" || true
 
 median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 mp=$(median "${plain[@]}"); ml=$(median "${lazy[@]}"); mf=$(median "${fetched[@]}")
+echo "span size: $span"
 echo "plain runs (s): ${plain[*]}"
 echo "lazy runs (s): ${lazy[*]}"
 echo "bytes fetched per lazy start: ${fetched[*]} (image: $image_bytes compressed bytes)"
