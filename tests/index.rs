@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 
-use common::podman::{Podman, LIST_FILES};
+use common::podman::Podman;
 use common::servers::{registry, Pusher, RegistryOpts, Server};
 use common::*;
 use soci_store::fetch::registry::{RegistryClient, RegistryOptions};
@@ -245,22 +245,6 @@ async fn convert_makes_a_valid_soci_enabled_image() {
         .all(|l| !l.annotations.contains_key(ANN_STARGZ_TOC)));
 }
 
-fn list_files(p: &Podman, image: &str) -> String {
-    p.run(&["pull", "-q", "--tls-verify=false", image]);
-    let out = p.run(&[
-        "run",
-        "--rm",
-        "--network",
-        "none",
-        image,
-        "/bin/busybox",
-        "sh",
-        "-c",
-        LIST_FILES,
-    ]);
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn plain_podman_pulls_and_runs_the_converted_image() {
     let env = setup().await;
@@ -270,8 +254,8 @@ async fn plain_podman_pulls_and_runs_the_converted_image() {
         &env.image(":v1-soci"),
         "--quiet",
     ]);
-    let original = list_files(&Podman::new(), &env.image(":v1"));
-    let converted = list_files(&Podman::new(), &env.image(":v1-soci"));
+    let original = Podman::new().listing(&env.image(":v1"));
+    let converted = Podman::new().listing(&env.image(":v1-soci"));
     assert!(original.contains("./data/big-random.bin"), "{original}");
     assert!(
         !original.contains("gone.txt") && !original.contains("old.txt"),

@@ -142,29 +142,13 @@ async fn setup_with(fetcher_extra: &str) -> Env {
     }
 }
 
-fn run_listing(p: &Podman, image: &str) -> String {
-    p.run(&["pull", "-q", "--tls-verify=false", image]);
-    let out = p.run(&[
-        "run",
-        "--rm",
-        "--network",
-        "none",
-        image,
-        "/bin/busybox",
-        "sh",
-        "-c",
-        LIST_FILES,
-    ]);
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn podman_4_pulls_and_runs_lazily_through_the_store() {
     let env = setup().await;
     let mnt = env.dir.path().join("store");
     let mut daemon = Daemon::start(&env.cfg, &mnt, &env.dir.path().join("daemon.log"));
 
-    let plain = run_listing(&Podman::new(), &format!("{}/test/app:v1", env.reg.addr()));
+    let plain = Podman::new().listing(&format!("{}/test/app:v1", env.reg.addr()));
     let log_before = env.reg.log_text().len();
 
     let mut lazy = Podman::new();
@@ -173,7 +157,7 @@ async fn podman_4_pulls_and_runs_lazily_through_the_store() {
         mnt.display()
     ));
     let image = format!("{}/test/app:v1-soci", env.reg.addr());
-    let listing = run_listing(&lazy, &image);
+    let listing = lazy.listing(&image);
     assert_eq!(listing, plain, "the lazily pulled image has the same files");
     assert!(
         !listing.contains("gone.txt") && !listing.contains("old.txt"),
@@ -231,7 +215,7 @@ async fn podman_4_pulls_and_runs_lazily_through_the_store() {
 
     // An image without an index pulls and runs normally with the store configured.
     assert_eq!(
-        run_listing(&lazy, &format!("{}/test/app:v1", env.reg.addr())),
+        lazy.listing(&format!("{}/test/app:v1", env.reg.addr())),
         plain
     );
 
@@ -548,7 +532,7 @@ impl Drop for Chroot {
 #[tokio::test(flavor = "multi_thread")]
 async fn podman_5_pulls_and_runs_lazily_through_the_store() {
     let env = setup().await;
-    let plain = run_listing(&Podman::new(), &format!("{}/test/app:v1", env.reg.addr()));
+    let plain = Podman::new().listing(&format!("{}/test/app:v1", env.reg.addr()));
     let chroot = Chroot::enter();
     let mnt = chroot.root.join("var/lib/soci-store/store");
     let daemon = Daemon::start(&env.cfg, &mnt, &env.dir.path().join("daemon.log"));

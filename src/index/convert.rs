@@ -322,6 +322,26 @@ fn note_push(note: &mut String, what: &str) {
     note.push_str(what);
 }
 
+type BuiltLayers = [(LayerReport, Option<(Descriptor, Vec<u8>)>)];
+
+/// Uploads the built zTOCs and the index config blob; returns the zTOC descriptors and bytes.
+async fn push_ztocs(
+    dst: &Endpoint,
+    layers: &BuiltLayers,
+) -> Result<(Vec<Descriptor>, Vec<Vec<u8>>), IndexError> {
+    let mut ztocs = Vec::new();
+    let mut blobs = Vec::new();
+    for (desc, bytes) in layers.iter().filter_map(|(_, built)| built.as_ref()) {
+        dst.put_blob(&desc.digest, Bytes::from(bytes.clone()))
+            .await?;
+        blobs.push(bytes.clone());
+        ztocs.push(desc.clone());
+    }
+    dst.put_blob(EMPTY_JSON_DIGEST, Bytes::from_static(EMPTY_JSON))
+        .await?;
+    Ok((ztocs, blobs))
+}
+
 /// The SOCI index manifest for these zTOCs (v1 with a subject, or v2).
 fn soci_index(kind: IndexKind, ztocs: Vec<Descriptor>, subject: Option<Descriptor>) -> Manifest {
     let config_type = match kind {
@@ -415,16 +435,7 @@ pub async fn convert(
     for (platform, data, _) in platform_manifests(src, opts).await? {
         let mut image = parse_manifest(&data)?;
         let layers = index_layers(src, dst, &image, opts, true, progress).await?;
-        let mut ztocs = Vec::new();
-        let mut blobs = Vec::new();
-        for (desc, bytes) in layers.iter().filter_map(|(_, built)| built.as_ref()) {
-            dst.put_blob(&desc.digest, Bytes::from(bytes.clone()))
-                .await?;
-            blobs.push(bytes.clone());
-            ztocs.push(desc.clone());
-        }
-        dst.put_blob(EMPTY_JSON_DIGEST, Bytes::from_static(EMPTY_JSON))
-            .await?;
+        let (ztocs, blobs) = push_ztocs(dst, &layers).await?;
         let index = soci_index(IndexKind::V2, ztocs.clone(), None);
         let index_bytes = Bytes::from(to_json(&index));
         let index_digest = dst
@@ -522,18 +533,7 @@ pub async fn create(
     for (platform, data, digest) in platform_manifests(image, opts).await? {
         let manifest = parse_manifest(&data)?;
         let layers = index_layers(image, image, &manifest, opts, false, progress).await?;
-        let mut ztocs = Vec::new();
-        let mut blobs = Vec::new();
-        for (desc, bytes) in layers.iter().filter_map(|(_, built)| built.as_ref()) {
-            image
-                .put_blob(&desc.digest, Bytes::from(bytes.clone()))
-                .await?;
-            blobs.push(bytes.clone());
-            ztocs.push(desc.clone());
-        }
-        image
-            .put_blob(EMPTY_JSON_DIGEST, Bytes::from_static(EMPTY_JSON))
-            .await?;
+        let (ztocs, blobs) = push_ztocs(image, &layers).await?;
         let mt = declared_media_type(&data, MT_OCI_MANIFEST);
         let subject = Descriptor::new(&mt, &digest, data.len() as u64);
         let index = soci_index(IndexKind::V1, ztocs.clone(), Some(subject));

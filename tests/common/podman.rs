@@ -61,6 +61,24 @@ impl Podman {
         out
     }
 
+    /// Pulls `image` and lists its files with their sha256, modes and owners (from inside a
+    /// container).
+    pub fn listing(&self, image: &str) -> String {
+        self.run(&["pull", "-q", "--tls-verify=false", image]);
+        let out = self.run(&[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            image,
+            "/bin/busybox",
+            "sh",
+            "-c",
+            LIST_FILES,
+        ]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
