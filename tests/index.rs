@@ -222,6 +222,9 @@ async fn convert_makes_a_valid_soci_enabled_image() {
     );
     let info = env.ok(&["index", "info", soci_desc.digest().as_ref()]);
     assert!(info.contains(MT_SOCI_INDEX_V2));
+    // zTOCs convert built are in the store too, by digest.
+    let ls = env.ok(&["ztoc", "ls", &parsed.layers[0].digest]);
+    assert!(ls.contains(" data/big-random.bin"), "{ls}");
 
     // --no-podman-annotations leaves the layers bare.
     env.ok(&[

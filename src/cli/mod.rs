@@ -84,7 +84,7 @@ impl Cli {
             backends,
         };
         match self.command {
-            Command::Ztoc(cmd) => cmd.run(),
+            Command::Ztoc(cmd) => cmd.run(ctx.config().ok().map(|c| c.artifacts)),
             Command::Config(ConfigCommand::Show) => {
                 let config = ctx.config()?;
                 // Building the backends validates every option, so `show` reports mistakes.

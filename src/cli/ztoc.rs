@@ -27,14 +27,14 @@ pub enum ZtocCommand {
         #[arg(long, default_value = "10MiB", value_parser = parse_size)]
         min_layer_size: u64,
     },
-    /// Show a zTOC's sizes, spans and entry count.
+    /// Show a zTOC's sizes, spans and entry count (a file, or a digest in the artifact store).
     Info {
         ztoc: PathBuf,
         /// Machine-readable output, with every span.
         #[arg(long)]
         json: bool,
     },
-    /// List the entries of a zTOC.
+    /// List the entries of a zTOC (a file, or a digest in the artifact store).
     Ls { ztoc: PathBuf },
     /// Extract one file from a layer through its zTOC.
     GetFile {
@@ -55,14 +55,33 @@ pub enum ZtocCommand {
     },
 }
 
+/// Where zTOCs named by digest are looked up.
+static ARTIFACTS: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+
+/// A zTOC file, or a `sha256:` digest of one in the local artifact store.
 fn load(path: &Path) -> Result<(Vec<u8>, Ztoc)> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let name = path.to_string_lossy();
+    let bytes = if !path.exists() && crate::reference::is_digest(&name) {
+        let dir = ARTIFACTS
+            .get()
+            .cloned()
+            .flatten()
+            .context("no artifact store configured")?;
+        let store = crate::index::ArtifactStore::open(&dir)?;
+        store
+            .get(&name)?
+            .with_context(|| format!("{name} is not in the artifact store {}", dir.display()))?
+    } else {
+        std::fs::read(path).with_context(|| format!("reading {}", path.display()))?
+    };
     let z = format::decode(&bytes).with_context(|| format!("loading {}", path.display()))?;
     Ok((bytes, z))
 }
 
 impl ZtocCommand {
-    pub fn run(self) -> Result<()> {
+    /// Runs the command; `artifacts` is the local artifact store, for zTOCs named by digest.
+    pub fn run(self, artifacts: Option<PathBuf>) -> Result<()> {
+        let _ = ARTIFACTS.set(artifacts);
         match self {
             ZtocCommand::Build {
                 layer,
