@@ -23,6 +23,8 @@ pub struct SpanStats {
     pub spans_fetched: AtomicU64,
     pub bytes_fetched: AtomicU64,
     pub fetch_errors: AtomicU64,
+    /// Readers blocked on a span that is being fetched (background work yields to them).
+    pub waiting: std::sync::atomic::AtomicUsize,
 }
 
 /// Cache + fetchers with single-flight fetching.
@@ -165,12 +167,14 @@ impl SpanSource for RemoteLayer {
         if let Some(b) = self.store.cached(&self.blob, id) {
             return Ok(b);
         }
-        self.runtime
-            .block_on(self.store.span(&self.blob, ztoc, id))
-            .map_err(|e| ZtocError::Source {
-                span: id,
-                source: Box::new(ArcError(e)),
-            })
+        let waiting = &self.store.stats.waiting;
+        waiting.fetch_add(1, Ordering::SeqCst);
+        let result = self.runtime.block_on(self.store.span(&self.blob, ztoc, id));
+        waiting.fetch_sub(1, Ordering::SeqCst);
+        result.map_err(|e| ZtocError::Source {
+            span: id,
+            source: Box::new(ArcError(e)),
+        })
     }
 }
 

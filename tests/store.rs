@@ -566,3 +566,59 @@ async fn podman_5_pulls_and_runs_lazily_through_the_store() {
     assert!(dlog.contains(" use"), "podman 5 used the store: {dlog}");
     drop(daemon);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn background_fetch_makes_layers_fully_local() {
+    use base64::Engine;
+    let mut env = setup().await;
+    let metrics_port = common::servers::free_port();
+    let cfg = std::fs::read_to_string(&env.cfg).unwrap();
+    std::fs::write(
+        &env.cfg,
+        format!("metrics_address = \"127.0.0.1:{metrics_port}\"\n{cfg}"),
+    )
+    .unwrap();
+    let mnt = env.dir.path().join("store");
+    let _daemon = Daemon::start_with(
+        &env.cfg,
+        &mnt,
+        &env.dir.path().join("daemon.log"),
+        &["--background-rate", "200MiB"],
+    );
+    let b64 = base64::engine::general_purpose::STANDARD
+        .encode(format!("{}/test/app:v1-soci", env.reg.addr()));
+    let base = mnt.join(&b64).join(&env.layer_digests[0]).join("diff");
+    // One small read resolves the layer (and, in the background, its sibling).
+    assert_eq!(
+        std::fs::read(base.join("etc/hello.txt")).unwrap(),
+        b"hello from the base layer\n"
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let text = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let local: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("soci_store_layers_local "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        if local >= 2.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "layers not local after 120 s:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // With the registry gone every file still reads: nothing needs the network any more.
+    env.reg.stop();
+    assert!(std::fs::read(base.join("data/big-random.bin")).unwrap() == random_bytes(12 << 20, 11));
+    let top = mnt.join(&b64).join(&env.layer_digests[1]).join("diff");
+    assert!(std::fs::read(top.join("more/random2.bin")).unwrap() == random_bytes(11 << 20, 13));
+}

@@ -25,6 +25,10 @@ pub struct ServeArgs {
     /// Fetch only what is read (no background completion of layers).
     #[arg(long)]
     no_background_fetch: bool,
+    /// Pace background fetching to this many bytes per second (e.g. 20MiB); default: as fast as
+    /// possible while no read waits.
+    #[arg(long, value_parser = super::parse_size)]
+    background_rate: Option<u64>,
 }
 
 impl ServeArgs {
@@ -43,6 +47,7 @@ impl ServeArgs {
         let mut sc = StoreContext::new(client, spans, Some(artifacts), rt.handle().clone());
         sc.lookup_timeout = Duration::from_secs_f64(self.lookup_timeout);
         sc.background_fetch = !self.no_background_fetch;
+        sc.background_rate = self.background_rate;
         store::serve(
             Arc::new(sc),
             &self.mountpoint,

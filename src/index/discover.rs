@@ -38,10 +38,19 @@ pub struct Discovered {
 impl Discovered {
     /// The zTOC descriptor for an image layer, if the layer is indexed.
     pub fn ztoc_for(&self, layer_digest: &str) -> Option<&Descriptor> {
-        self.index
-            .layers
-            .iter()
-            .find(|d| d.annotations.get(ANN_LAYER_DIGEST).map(String::as_str) == Some(layer_digest))
+        self.for_layer(layer_digest, super::MT_ZTOC)
+    }
+
+    /// The SOCI prefetch artifact for an image layer, if the index has one.
+    pub fn prefetch_for(&self, layer_digest: &str) -> Option<&Descriptor> {
+        self.for_layer(layer_digest, super::MT_SOCI_PREFETCH)
+    }
+
+    fn for_layer(&self, layer_digest: &str, media_type: &str) -> Option<&Descriptor> {
+        self.index.layers.iter().find(|d| {
+            d.media_type == media_type
+                && d.annotations.get(ANN_LAYER_DIGEST).map(String::as_str) == Some(layer_digest)
+        })
     }
 }
 

@@ -25,6 +25,7 @@ pub const MT_DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff
 pub const MT_SOCI_INDEX_V1: &str = "application/vnd.amazon.soci.index.v1+json";
 pub const MT_SOCI_INDEX_V2: &str = "application/vnd.amazon.soci.index.v2+json";
 pub const MT_ZTOC: &str = "application/octet-stream";
+pub const MT_SOCI_PREFETCH: &str = "application/vnd.amazon.soci.prefetch.v1+json";
 
 pub const ANN_INDEX_DIGEST: &str = "com.amazon.soci.index-digest";
 pub const ANN_IMAGE_MANIFEST_DIGEST: &str = "com.amazon.soci.image-manifest-digest";

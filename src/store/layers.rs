@@ -32,6 +32,8 @@ pub struct StoreContext {
     pub lookup_timeout: Duration,
     /// Fetch every layer completely in the background once it is resolved.
     pub background_fetch: bool,
+    /// Bytes per second for background fetching; unlimited when None.
+    pub background_rate: Option<u64>,
     pub stats: Arc<super::metrics::StoreStats>,
     images: Memo<String, Arc<ImageInfo>>,
     layers: Memo<(String, String), Option<Arc<Layer>>>,
@@ -85,6 +87,7 @@ impl StoreContext {
             platform: Platform::host(),
             lookup_timeout: Duration::from_secs(30),
             background_fetch: true,
+            background_rate: None,
             stats: Arc::default(),
             images: Mutex::default(),
             layers: Mutex::default(),
@@ -230,9 +233,15 @@ impl StoreContext {
         self.stats
             .layers_served
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let prefetch = match found.prefetch_for(&layer_desc.digest) {
+            Some(d) => self.prefetch_spans(&image.reference, d).await,
+            None => Vec::new(),
+        };
         if self.background_fetch {
             let (ctx, l) = (self.clone(), layer.clone());
-            self.runtime.spawn(async move { ctx.fetch_all(&l).await });
+            let order = prefetch;
+            self.runtime
+                .spawn(async move { ctx.fetch_all(&l, order).await });
         }
         // Podman asks one layer at a time under a lock: resolve the others now.
         for other in layers.iter().filter(|l| l.digest != layer_desc.digest) {
@@ -265,12 +274,75 @@ impl StoreContext {
             .unwrap_or(u)
     }
 
-    /// Fetches every span of the layer, one at a time, so that it ends up fully local.
-    async fn fetch_all(&self, layer: &Layer) {
-        for id in 0..layer.ztoc.span_count() {
-            if let Err(e) = self.spans.span(&layer.blob, &layer.ztoc, id).await {
-                tracing::warn!(blob = %layer.blob, span = id, "background fetch stopped: {e}");
-                return;
+    /// The spans a SOCI prefetch artifact lists, highest priority (lowest number) first.
+    async fn prefetch_spans(&self, r: &Reference, d: &crate::index::Descriptor) -> Vec<usize> {
+        #[derive(serde::Deserialize)]
+        struct Range {
+            start_span: usize,
+            end_span: usize,
+            #[serde(default)]
+            priority: i64,
+        }
+        #[derive(serde::Deserialize)]
+        struct Prefetch {
+            prefetch_spans: Vec<Range>,
+        }
+        if d.size > 1 << 20 {
+            return Vec::new();
+        }
+        let loc = BlobLocator::new(r.clone(), &d.digest);
+        let parsed = match self.client.blob_range(&loc, 0..d.size).await {
+            Ok(b) if crate::index::sha256_digest(&b) == d.digest => {
+                serde_json::from_slice::<Prefetch>(&b).ok()
+            }
+            _ => None,
+        };
+        let Some(mut p) = parsed else {
+            tracing::warn!(%loc, "ignoring an unreadable prefetch artifact");
+            return Vec::new();
+        };
+        p.prefetch_spans.sort_by_key(|r| r.priority);
+        p.prefetch_spans
+            .iter()
+            .flat_map(|r| r.start_span..=r.end_span.min(r.start_span + 100_000))
+            .collect()
+    }
+
+    /// Fetches every span of the layer, prefetch spans first, one at a time, so that it ends up
+    /// fully local: pausing while on-demand readers wait, paced to `background_rate`.
+    async fn fetch_all(&self, layer: &Layer, first: Vec<usize>) {
+        let n = layer.ztoc.span_count();
+        let mut seen = vec![false; n];
+        let order = first
+            .into_iter()
+            .filter(|&i| i < n)
+            .chain(0..n)
+            .filter(|&i| !std::mem::replace(&mut seen[i], true));
+        for id in order.collect::<Vec<_>>() {
+            while self
+                .spans
+                .stats
+                .waiting
+                .load(std::sync::atomic::Ordering::SeqCst)
+                > 0
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let was_cached = self
+                .spans
+                .cache()
+                .contains(&crate::cache::SpanKey::new(&layer.blob.digest, id));
+            match self.spans.span(&layer.blob, &layer.ztoc, id).await {
+                Ok(bytes) => {
+                    if let (Some(rate), false) = (self.background_rate, was_cached) {
+                        let secs = bytes.len() as f64 / rate.max(1) as f64;
+                        tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(blob = %layer.blob, span = id, "background fetch stopped: {e}");
+                    return;
+                }
             }
         }
         self.stats
