@@ -127,7 +127,7 @@ impl StoreFs {
         (idx < *n).then(|| (layer.clone(), idx as usize))
     }
 
-    fn layer_inodes(&self, layer: &Arc<Layer>, parent: u64) -> LayerInodes {
+    fn layer_inodes(&self, layer: &Arc<Layer>) -> LayerInodes {
         let key = Arc::as_ptr(layer) as usize;
         if let Some(i) = self.read_state().layer_inodes.get(&key) {
             return *i;
@@ -143,7 +143,6 @@ impl StoreFs {
             blob: self.alloc(1),
             diff_base: self.alloc(n),
         };
-        let _ = parent;
         st.specials.insert(i.dir, Special::LayerDir(layer.clone()));
         st.specials.insert(i.info, Special::Info(layer.clone()));
         st.specials.insert(i.blob, Special::Blob(layer.clone()));
@@ -211,6 +210,14 @@ impl StoreFs {
         }
     }
 
+    /// Counts podman's `use` notification (a create or mknod of `use` in a layer directory).
+    fn note_use(&self, parent: u64, name: &OsStr) {
+        if let (Some(Special::LayerDir(layer)), b"use") = (self.special(parent), name.as_bytes()) {
+            let n = layer.uses.fetch_add(1, Ordering::SeqCst) + 1;
+            tracing::info!(blob = %layer.blob, uses = n, "use");
+        }
+    }
+
     fn negative(reply: ReplyEntry) {
         // A zero inode with a timeout is a negative entry the kernel caches.
         let mut a = attr(0, FileType::RegularFile, 0, 0, 0);
@@ -264,7 +271,7 @@ impl Filesystem for StoreFs {
                 }
                 match self.resolve(&reference, digest) {
                     Some(layer) => {
-                        let inos = self.layer_inodes(&layer, parent);
+                        let inos = self.layer_inodes(&layer);
                         self.write_state()
                             .layer_dirs
                             .insert((parent, name_b.to_vec()), inos.dir);
@@ -278,7 +285,7 @@ impl Filesystem for StoreFs {
                 }
             }
             Some(Special::LayerDir(layer)) => {
-                let inos = self.layer_inodes(&layer, parent);
+                let inos = self.layer_inodes(&layer);
                 let (ino, s) = match name_b {
                     b"diff" => {
                         let a = self.node_attr(inos.diff_base, &layer, 0);
@@ -435,7 +442,7 @@ impl Filesystem for StoreFs {
                 );
             }
             Some(Special::LayerDir(layer)) => {
-                let inos = self.layer_inodes(&layer, 0);
+                let inos = self.layer_inodes(&layer);
                 entries.push((inos.diff_base, FileType::Directory, b"diff".to_vec()));
                 entries.push((inos.info, FileType::RegularFile, b"info".to_vec()));
                 entries.push((inos.blob, FileType::RegularFile, b"blob".to_vec()));
@@ -505,17 +512,13 @@ impl Filesystem for StoreFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        if let (Some(Special::LayerDir(layer)), b"use") = (self.special(parent.0), name.as_bytes())
-        {
-            let n = layer.uses.fetch_add(1, Ordering::SeqCst) + 1;
-            tracing::info!(blob = %layer.blob, uses = n, "use");
-        }
+        self.note_use(parent.0, name);
         reply.error(Errno::ENOENT);
     }
 
     fn mknod(
         &self,
-        req: &Request,
+        _req: &Request,
         parent: INodeNo,
         name: &OsStr,
         _mode: u32,
@@ -523,11 +526,7 @@ impl Filesystem for StoreFs {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
-        let _ = req;
-        if let (Some(Special::LayerDir(layer)), b"use") = (self.special(parent.0), name.as_bytes())
-        {
-            layer.uses.fetch_add(1, Ordering::SeqCst);
-        }
+        self.note_use(parent.0, name);
         reply.error(Errno::ENOENT);
     }
 
