@@ -115,6 +115,8 @@ pub struct RegistryOpts {
     pub htpasswd: Option<(String, String)>,
     /// Store data in this S3 endpoint/bucket and redirect blob GETs to presigned URLs.
     pub s3: Option<(String, String)>,
+    /// Token auth: (realm URL, PEM bundle of the issuer's certificate).
+    pub token: Option<(String, String)>,
 }
 
 pub fn registry(opts: RegistryOpts) -> Server {
@@ -130,6 +132,10 @@ pub fn registry(opts: RegistryOpts) -> Server {
         ),
     };
     let auth = match &opts.htpasswd {
+        None if opts.token.is_some() => {
+            let (realm, bundle) = opts.token.as_ref().unwrap();
+            format!("auth:\n  token: {{realm: \"{realm}\", service: soci-test-registry, issuer: soci-test-issuer, rootcertbundle: {bundle}}}\n")
+        }
         None => String::new(),
         Some((user, pass)) => {
             let out = Command::new("htpasswd")
@@ -215,6 +221,7 @@ pub fn sha256_digest(data: &[u8]) -> String {
 pub struct Pusher {
     pub base: String,
     pub auth: Option<(String, String)>,
+    pub bearer: Option<String>,
     http: reqwest::Client,
 }
 
@@ -223,15 +230,17 @@ impl Pusher {
         Pusher {
             base: format!("http://{}", registry.addr()),
             auth: None,
+            bearer: None,
             http: reqwest::Client::new(),
         }
     }
 
     fn req(&self, m: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
         let r = self.http.request(m, url);
-        match &self.auth {
-            Some((u, p)) => r.basic_auth(u, Some(p)),
-            None => r,
+        match (&self.auth, &self.bearer) {
+            (Some((u, p)), _) => r.basic_auth(u, Some(p)),
+            (None, Some(t)) => r.bearer_auth(t),
+            (None, None) => r,
         }
     }
 
