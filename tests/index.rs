@@ -550,3 +550,102 @@ async fn missing_or_corrupt_ztocs_are_errors() {
     lying.size = 1 << 40;
     assert!(fetch_ztoc(&client, None, &r, &lying).await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn convert_to_another_repository_mounts_layers() {
+    let env = setup().await;
+    let before = env.reg.log_text().len();
+    env.ok(&[
+        "convert",
+        &env.image(":v1"),
+        &format!("{}/other/app:soci", env.reg.addr()),
+        "--quiet",
+    ]);
+    let log = env.reg.log_text()[before..].to_string();
+    for d in &env.layer_digests {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("POST /v2/other/app/blobs/uploads/?mount=")
+                    && l.contains(d.as_str())
+                    && l.contains("\" 201 ")),
+            "{d} was not mounted:\n{log}"
+        );
+        assert!(
+            !log.lines()
+                .any(|l| l.contains("PUT /v2/other/app/blobs/uploads/")
+                    && l.contains(&format!("digest={d}"))),
+            "{d} re-uploaded"
+        );
+    }
+    let found = env.ok(&[
+        "index",
+        "discover",
+        &format!("{}/other/app:soci", env.reg.addr()),
+    ]);
+    assert!(found.contains("V2"), "{found}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn zstd_layers_are_skipped_with_a_note() {
+    let reg = registry(RegistryOpts::default());
+    let (tar, _) = edge_layer(12 << 20);
+    let dir = tempfile::tempdir().unwrap();
+    let tar_path = dir.path().join("layer.tar");
+    std::fs::write(&tar_path, &tar).unwrap();
+    let out = Command::new("zstd")
+        .args(["-q", "-1", "-f"])
+        .arg(&tar_path)
+        .output()
+        .expect("zstd (installed by .ci/run)");
+    assert!(out.status.success());
+    let zst = std::fs::read(dir.path().join("layer.tar.zst")).unwrap();
+    // An image whose only layer is zstd, pushed with the zstd media type.
+    let pusher = Pusher::new(&reg);
+    let config = serde_json::json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [sha256_digest(&tar)]}}).to_string();
+    let config_digest = pusher.blob("z/app", config.as_bytes()).await;
+    let layer_digest = pusher.blob("z/app", &zst).await;
+    let manifest = serde_json::json!({
+        "schemaVersion": 2, "mediaType": MT_OCI_MANIFEST,
+        "config": {"mediaType": MT_OCI_CONFIG, "digest": config_digest, "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+zstd", "digest": layer_digest, "size": zst.len()}],
+    })
+    .to_string();
+    let resp = reqwest::Client::new()
+        .put(format!("http://{}/v2/z/app/manifests/v1", reg.addr()))
+        .header("Content-Type", MT_OCI_MANIFEST)
+        .body(manifest)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+    let cfg = dir.path().join("config.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "artifacts = \"{}/a\"\n[[fetchers]]\ntype = \"registry\"\ninsecure = [\"{}\"]\n",
+            dir.path().display(),
+            reg.addr()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_soci-store"))
+        .arg("--config")
+        .arg(&cfg)
+        .args([
+            "convert",
+            "--json",
+            &format!("{}/z/app:v1", reg.addr()),
+            &format!("{}/z/app:soci", reg.addr()),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let layer = &report["platforms"][0]["layers"][0];
+    assert!(layer["ztoc"].is_null());
+    assert!(layer["note"].as_str().unwrap().contains("zstd"), "{layer}");
+}

@@ -259,10 +259,11 @@ async fn index_layers(
         let build_opts = build_opts.clone();
         async move {
             progress.layer_started(&layer.digest, layer.size);
-            let eligible = if layer.size < opts.min_layer_size {
-                Err("smaller than the minimum layer size (pulled normally)")
-            } else {
-                indexable(&layer.media_type)
+            let eligible = match indexable(&layer.media_type) {
+                Ok(()) if layer.size < opts.min_layer_size => {
+                    Err("smaller than the minimum layer size (pulled normally)")
+                }
+                other => other,
             };
             let mut note = match eligible {
                 Ok(()) => String::new(),
