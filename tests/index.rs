@@ -649,3 +649,137 @@ async fn zstd_layers_are_skipped_with_a_note() {
     assert!(layer["ztoc"].is_null());
     assert!(layer["note"].as_str().unwrap().contains("zstd"), "{layer}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn multi_platform_images_keep_their_other_platforms() {
+    let env = setup().await;
+    let client = env.client();
+    let (amd64_bytes, amd64_digest) = get(&client, &env.image(":v1")).await;
+    // An arm64 image of one small layer, in another repository of the same registry.
+    let (tar, _) = edge_layer(1000);
+    let gz = gzip(&tar, 6, 1);
+    let pusher = Pusher::new(&env.reg);
+    let (arm_digest, _) = pusher
+        .image(
+            "test/arm",
+            "v1",
+            std::slice::from_ref(&gz),
+            &[sha256_digest(&tar)],
+        )
+        .await;
+    let (arm_bytes, _) = get(
+        &client,
+        &format!("{}/test/arm@{arm_digest}", env.reg.addr()),
+    )
+    .await;
+    // Both platforms under one index in test/app (the arm64 blobs mounted there first).
+    let arm = parse_manifest(&arm_bytes).unwrap();
+    for d in std::iter::once(&arm.config.digest).chain(arm.layers.iter().map(|l| &l.digest)) {
+        let r = reqwest::Client::new()
+            .post(format!(
+                "http://{}/v2/test/app/blobs/uploads/?mount={d}&from=test/arm",
+                env.reg.addr()
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 201);
+    }
+    let put = |tag_or_digest: String, body: Vec<u8>, mt: &'static str| {
+        let url = format!(
+            "http://{}/v2/test/app/manifests/{tag_or_digest}",
+            env.reg.addr()
+        );
+        async move {
+            let r = reqwest::Client::new()
+                .put(url)
+                .header("Content-Type", mt)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                r.status().as_u16(),
+                201,
+                "{}",
+                r.text().await.unwrap_or_default()
+            );
+        }
+    };
+    put(arm_digest.clone(), arm_bytes.to_vec(), MT_OCI_MANIFEST).await;
+    let mut amd = Descriptor::new(MT_OCI_MANIFEST, &amd64_digest, amd64_bytes.len() as u64);
+    amd.platform = Some(Platform {
+        architecture: "amd64".into(),
+        os: "linux".into(),
+        variant: None,
+    });
+    let mut armd = Descriptor::new(MT_OCI_MANIFEST, &arm_digest, arm_bytes.len() as u64);
+    armd.platform = Some(Platform {
+        architecture: "arm64".into(),
+        os: "linux".into(),
+        variant: Some("v8".into()),
+    });
+    let index = Index {
+        schema_version: 2,
+        media_type: Some(MT_OCI_INDEX.into()),
+        manifests: vec![amd, armd],
+        annotations: Default::default(),
+    };
+    put("multi".into(), to_json(&index), MT_OCI_INDEX).await;
+
+    // The host's platform is converted; arm64 is listed as it was.
+    env.ok(&[
+        "convert",
+        &env.image(":multi"),
+        &env.image(":multi-soci"),
+        "--platform",
+        "linux/amd64",
+        "--quiet",
+    ]);
+    let (b, _) = get(&client, &env.image(":multi-soci")).await;
+    let out: oci_spec::image::ImageIndex = serde_json::from_slice(&b).unwrap();
+    let listed: Vec<(String, Option<String>)> = out
+        .manifests()
+        .iter()
+        .map(|d| {
+            (
+                d.digest().to_string(),
+                d.artifact_type().as_ref().map(|a| a.to_string()),
+            )
+        })
+        .collect();
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    assert_eq!(
+        listed[1],
+        (arm_digest.clone(), None),
+        "arm64 unchanged: {listed:?}"
+    );
+    assert_eq!(listed[2].1.as_deref(), Some(MT_SOCI_INDEX_V2));
+
+    // --all-platforms converts both: two image manifests, two SOCI indexes.
+    env.ok(&[
+        "convert",
+        &env.image(":multi"),
+        &format!("{}/copy/app:all", env.reg.addr()),
+        "--all-platforms",
+        "--quiet",
+    ]);
+    let (b, _) = get(&client, &format!("{}/copy/app:all", env.reg.addr())).await;
+    let all = parse_index(&b).unwrap();
+    assert_eq!(
+        all.manifests
+            .iter()
+            .filter(|d| d.artifact_type.as_deref() == Some(MT_SOCI_INDEX_V2))
+            .count(),
+        2
+    );
+    // And the arm64 image is discoverable by its platform.
+    let found = env.ok(&[
+        "index",
+        "discover",
+        "--platform",
+        "linux/arm64",
+        &format!("{}/copy/app:all", env.reg.addr()),
+    ]);
+    assert!(found.contains("V2"), "{found}");
+}

@@ -361,10 +361,14 @@ fn soci_index(kind: IndexKind, ztocs: Vec<Descriptor>, subject: Option<Descripto
 }
 
 /// The image manifests to convert: (platform, manifest bytes, digest).
+/// The image manifests to convert (platform, bytes, digest), and the descriptors of the platforms
+/// left as they are.
+type Selection = (Vec<(Platform, Bytes, String)>, Vec<Descriptor>);
+
 async fn platform_manifests(
     src: &Endpoint,
     opts: &ConvertOptions,
-) -> Result<Vec<(Platform, Bytes, String)>, IndexError> {
+) -> Result<Selection, IndexError> {
     let (data, mt, digest) = src.manifest(None).await?;
     let mt = declared_media_type(&data, &mt);
     if !is_index_type(&mt) {
@@ -384,10 +388,11 @@ async fn platform_manifests(
             os: cfg["os"].as_str().unwrap_or("linux").into(),
             variant: cfg["variant"].as_str().map(String::from),
         };
-        return Ok(vec![(platform, data, digest)]);
+        return Ok((vec![(platform, data, digest)], Vec::new()));
     }
     let index = parse_index(&data)?;
     let mut out = Vec::new();
+    let mut others = Vec::new();
     for d in index.manifests.iter().filter(|d| d.artifact_type.is_none()) {
         let Some(p) = &d.platform else { continue };
         let selected = match &opts.platforms {
@@ -398,6 +403,8 @@ async fn platform_manifests(
         if selected {
             let (m, _, digest) = src.manifest(Some(&d.digest)).await?;
             out.push((p.clone(), m, digest));
+        } else {
+            others.push(d.clone());
         }
     }
     if out.is_empty() {
@@ -406,7 +413,20 @@ async fn platform_manifests(
             opts.platforms, src.image
         )));
     }
-    Ok(out)
+    Ok((out, others))
+}
+
+/// Copies an image manifest that is not converted (another platform), with its blobs, so that
+/// the new index can list it unchanged.
+async fn carry_over(src: &Endpoint, dst: &Endpoint, d: &Descriptor) -> Result<(), IndexError> {
+    let (data, _, _) = src.manifest(Some(&d.digest)).await?;
+    let m = parse_manifest(&data)?;
+    dst.copy_blob_from(src, &m.config.digest).await?;
+    for l in &m.layers {
+        dst.copy_blob_from(src, &l.digest).await?;
+    }
+    dst.put_manifest(data, &d.media_type, None).await?;
+    Ok(())
 }
 
 fn record(store: Option<&ArtifactStore>, rec: IndexRecord, blobs: &[&[u8]]) {
@@ -433,7 +453,11 @@ pub async fn convert(
     let mut image_descs = Vec::new();
     let mut soci_descs = Vec::new();
     let mut reports = Vec::new();
-    for (platform, data, _) in platform_manifests(src, opts).await? {
+    let (selected, others) = platform_manifests(src, opts).await?;
+    for d in &others {
+        carry_over(src, dst, d).await?;
+    }
+    for (platform, data, _) in selected {
         let mut image = parse_manifest(&data)?;
         let layers = index_layers(src, dst, &image, opts, true, progress).await?;
         let (ztocs, blobs) = push_ztocs(dst, &layers).await?;
@@ -503,7 +527,11 @@ pub async fn convert(
     let index = Index {
         schema_version: 2,
         media_type: Some(MT_OCI_INDEX.into()),
-        manifests: image_descs.into_iter().chain(soci_descs).collect(),
+        manifests: image_descs
+            .into_iter()
+            .chain(others)
+            .chain(soci_descs)
+            .collect(),
         annotations: BTreeMap::new(),
     };
     let tag = dst.tag().unwrap_or("latest").to_string();
@@ -531,7 +559,7 @@ pub async fn create(
     };
     let mut reports = Vec::new();
     let mut fallback_digest = None;
-    for (platform, data, digest) in platform_manifests(image, opts).await? {
+    for (platform, data, digest) in platform_manifests(image, opts).await?.0 {
         let manifest = parse_manifest(&data)?;
         let layers = index_layers(image, image, &manifest, opts, false, progress).await?;
         let (ztocs, blobs) = push_ztocs(image, &layers).await?;
