@@ -801,46 +801,19 @@ impl RegistryClient {
         Ok(resp.status() == StatusCode::CREATED)
     }
 
-    /// Uploads a blob in one request (POST for a session, then PUT with the digest).
+    /// Uploads a blob held in memory (skipped when the repository has it).
     pub async fn push_blob(
         &self,
         r: &Reference,
         digest: &str,
         data: Bytes,
     ) -> Result<(), FetchError> {
+        use futures::StreamExt;
         if self.blob_exists(r, digest).await? {
             return Ok(());
         }
-        let mut retry = self.new_retry();
-        let resp = self
-            .send_body(
-                Method::POST,
-                r,
-                "blobs/uploads/",
-                HeaderMap::new(),
-                Some(Bytes::new()),
-                None,
-                &mut retry,
-            )
-            .await?;
-        let location = self.upload_location(r, &resp)?;
-        let sep = if location.contains('?') { '&' } else { '?' };
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            reqwest::header::CONTENT_TYPE,
-            HeaderValue::from_static("application/octet-stream"),
-        );
-        self.send_body(
-            Method::PUT,
-            r,
-            &format!("{location}{sep}digest={digest}"),
-            headers,
-            Some(data),
-            None,
-            &mut retry,
-        )
-        .await?;
-        Ok(())
+        self.push_blob_stream(r, digest, futures::stream::once(async { Ok(data) }).boxed())
+            .await
     }
 
     /// Uploads a blob from a stream of chunks (OCI chunked upload: PATCH per ~8 MiB, then PUT
