@@ -4,7 +4,8 @@
 # of a private network namespace, which holds the registry, the store and podman); bytes fetched
 # for the lazy start; warm sequential read throughput of a 500 MB file through the mount against
 # local disk; daemon RSS. Medians of REPS (default 3) alternating runs.
-#   usage: [REPS=3] [SPAN_SIZE=4MiB] benches/store.sh [WORKDIR]
+#   usage: [REPS=3] [SPAN_SIZE=4MiB] [BACKGROUND=1] benches/store.sh [WORKDIR]
+#   (BACKGROUND=1: lazy runs keep the background fetcher on; "bytes fetched" then includes it)
 #   (shares the debootstrap tree with benches/ztoc.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +25,9 @@ ns=soci-bench-$$
 in_ns() { nsenter --net="/var/run/netns/$ns" "$@"; }
 pids=()
 cleanup() {
+  # Background jobs run through nsenter in subshells: stop the real processes by their command line.
+  pkill -TERM -f -- "serve $tmp/mnt" 2>/dev/null || true
+  pkill -TERM -f -- "$tmp/reg.yml" 2>/dev/null || true
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   grep -o "$tmp[^ ]*" /proc/self/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
@@ -124,7 +128,8 @@ for i in $(seq "$reps"); do
 
   # A fresh store (empty cache and artifacts) for every lazy run.
   rm -rf "$tmp/cache" "$tmp/artifacts"; mkdir -p "$tmp/mnt"
-  in_ns "$bin" --config "$tmp/config.toml" serve "$tmp/mnt" --no-background-fetch >"$tmp/serve.log" 2>&1 &
+  bg=(--no-background-fetch); [ "${BACKGROUND:-0}" = 1 ] && bg=()
+  in_ns "$bin" --config "$tmp/config.toml" serve "$tmp/mnt" "${bg[@]}" >"$tmp/serve.log" 2>&1 &
   spid=$!; pids+=($spid)
   until grep -q " $tmp/mnt " /proc/self/mounts; do sleep 0.05; done
   dpid=$(pgrep -n -f -- "serve $tmp/mnt")
@@ -137,7 +142,7 @@ for i in $(seq "$reps"); do
   fetched+=("$(in_ns curl -sf http://127.0.0.1:9300/metrics | awk '/^soci_store_bytes_fetched_total/ {print $2}')")
   rss_peak=$(awk '/VmHWM/ {print $2}' /proc/$dpid/status)
   reset_graph "$g"
-  kill -TERM "$spid"; wait "$spid" || true
+  kill -TERM "$dpid"; while kill -0 "$dpid" 2>/dev/null; do sleep 0.05; done; wait "$spid" || true
 done
 
 # Warm sequential read of a 500 MB file through the mount vs the same file on local disk.
@@ -155,11 +160,11 @@ t0=$(now); dd if="$f" of=/dev/null bs=1M status=none; t1=$(now); t_mount=$(echo 
 cat "$tmp/bigroot/big.bin" > /dev/null      # page cache warm, like the store's caches
 t0=$(now); dd if="$tmp/bigroot/big.bin" of=/dev/null bs=1M status=none; t1=$(now); t_disk=$(echo "$t1 - $t0" | bc)
 rss_read=$(awk '/VmHWM/ {print $2}' /proc/$dpid/status)
-kill -TERM "$spid"; wait "$spid" || true
+kill -TERM "$dpid"; while kill -0 "$dpid" 2>/dev/null; do sleep 0.05; done; wait "$spid" || true
 
 median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 mp=$(median "${plain[@]}"); ml=$(median "${lazy[@]}"); mf=$(median "${fetched[@]}")
-echo "span size: $span"
+echo "span size: $span; background fetch: ${BACKGROUND:-0}"
 echo "plain runs (s): ${plain[*]}"
 echo "lazy runs (s): ${lazy[*]}"
 echo "bytes fetched per lazy start: ${fetched[*]} (image: $image_bytes compressed bytes)"

@@ -25,6 +25,15 @@ pub struct SpanStats {
     pub fetch_errors: AtomicU64,
     /// Readers blocked on a span that is being fetched (background work yields to them).
     pub waiting: std::sync::atomic::AtomicUsize,
+    /// When a reader last had to wait for a fetch (ms since the Unix epoch).
+    pub last_demand_ms: AtomicU64,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Cache + fetchers with single-flight fetching.
@@ -167,10 +176,12 @@ impl SpanSource for RemoteLayer {
         if let Some(b) = self.store.cached(&self.blob, id) {
             return Ok(b);
         }
-        let waiting = &self.store.stats.waiting;
-        waiting.fetch_add(1, Ordering::SeqCst);
+        let stats = &self.store.stats;
+        stats.waiting.fetch_add(1, Ordering::SeqCst);
+        stats.last_demand_ms.store(now_ms(), Ordering::Relaxed);
         let result = self.runtime.block_on(self.store.span(&self.blob, ztoc, id));
-        waiting.fetch_sub(1, Ordering::SeqCst);
+        stats.waiting.fetch_sub(1, Ordering::SeqCst);
+        stats.last_demand_ms.store(now_ms(), Ordering::Relaxed);
         result.map_err(|e| ZtocError::Source {
             span: id,
             source: Box::new(ArcError(e)),

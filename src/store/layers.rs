@@ -18,6 +18,9 @@ use crate::reference::Reference;
 use crate::spans::{RemoteLayer, SpanStore};
 use crate::ztoc::{Compression, LayerReader, Ztoc};
 
+/// How long after the last on-demand fetch background fetching waits.
+const DEMAND_QUIET_MS: u64 = 500;
+
 /// Resolutions computed once per key, failures included (as messages).
 type Memo<K, T> = Mutex<HashMap<K, Arc<OnceCell<Result<T, String>>>>>;
 
@@ -319,14 +322,18 @@ impl StoreContext {
             .chain(0..n)
             .filter(|&i| !std::mem::replace(&mut seen[i], true));
         for id in order.collect::<Vec<_>>() {
-            while self
-                .spans
-                .stats
-                .waiting
-                .load(std::sync::atomic::Ordering::SeqCst)
-                > 0
-            {
-                tokio::time::sleep(Duration::from_millis(10)).await;
+            // Fill idle time only: not while a reader waits, nor shortly after one did (a start
+            // reads in bursts; a background span on the link would delay the next read).
+            loop {
+                let stats = &self.spans.stats;
+                let busy = stats.waiting.load(std::sync::atomic::Ordering::SeqCst) > 0;
+                let last = stats
+                    .last_demand_ms
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                if !busy && crate::spans::now_ms().saturating_sub(last) >= DEMAND_QUIET_MS {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
             let was_cached = self
                 .spans
