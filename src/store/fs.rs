@@ -541,16 +541,3 @@ impl Filesystem for StoreFs {
         reply.error(Errno::ENOENT);
     }
 }
-
-/// The number of `use`s minus releases of every resolved layer, by blob digest (for tests and
-/// metrics).
-pub fn use_counts(fs: &StoreFs) -> Vec<(String, i64)> {
-    let st = fs.read_state();
-    let mut out: Vec<(String, i64)> = st
-        .ranges
-        .values()
-        .map(|(l, _)| (l.blob.digest.clone(), l.uses.load(Ordering::SeqCst)))
-        .collect();
-    out.sort();
-    out
-}
