@@ -52,6 +52,14 @@ pub struct Config {
     /// `host:port` for the store's Prometheus endpoint; off when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_address: Option<String>,
+    /// Where `serve` keeps what a restarted daemon needs to take over its mount (a handoff
+    /// socket and the inode journal). A tmpfs is right: none of it outlives a reboot.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/run/soci-store")
 }
 
 fn default_artifacts() -> PathBuf {
@@ -76,6 +84,7 @@ impl Default for Config {
             cache: default_cache(),
             artifacts: default_artifacts(),
             metrics_address: None,
+            state_dir: default_state_dir(),
         }
     }
 }

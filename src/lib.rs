@@ -16,4 +16,5 @@ pub mod index;
 pub mod reference;
 pub mod spans;
 pub mod store;
+mod sys;
 pub mod ztoc;

@@ -11,11 +11,15 @@ use common::podman::{Podman, LIST_FILES};
 use common::servers::{registry, Pusher, RegistryOpts, Server};
 use common::*;
 
-/// The store daemon; killed and its mount removed on drop, even when the test fails.
+/// The store daemon; killed and its mount removed on drop, even when the test fails (unless
+/// [`Daemon::crash`] left the mount to a successor).
 struct Daemon {
     child: Child,
     mnt: PathBuf,
     log: PathBuf,
+    /// The holder's handoff socket directory (the config's `state_dir`).
+    state: PathBuf,
+    keep_mount: bool,
 }
 
 fn mounted(mnt: &Path) -> bool {
@@ -29,9 +33,19 @@ impl Daemon {
         Self::start_with(cfg, mnt, log, &[])
     }
 
+    /// Starts `soci-store serve` and waits for its readiness notification (`NOTIFY_SOCKET`).
     fn start_with(cfg: &Path, mnt: &Path, log: &Path, extra: &[&str]) -> Daemon {
-        std::fs::create_dir_all(mnt).unwrap();
+        // A mount left by a crashed daemon is not touched: stat would wait for the next daemon.
+        if !mounted(mnt) {
+            std::fs::create_dir_all(mnt).unwrap();
+        }
         let f = std::fs::File::create(log).unwrap();
+        let notify_path = log.with_extension("notify");
+        let _ = std::fs::remove_file(&notify_path);
+        let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+        notify
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_soci-store"))
             .arg("--config")
             .arg(cfg)
@@ -39,6 +53,7 @@ impl Daemon {
             .arg(mnt)
             .args(extra)
             .env("SOCI_STORE_LOG", "info")
+            .env("NOTIFY_SOCKET", &notify_path)
             .stdout(f.try_clone().unwrap())
             .stderr(f)
             .stdin(Stdio::null())
@@ -48,15 +63,23 @@ impl Daemon {
             child,
             mnt: mnt.to_path_buf(),
             log: log.to_path_buf(),
+            state: cfg.parent().unwrap().join("state"),
+            keep_mount: false,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !mounted(mnt) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut buf = [0u8; 64];
+        loop {
+            if let Ok(n) = notify.recv(&mut buf) {
+                if &buf[..n] == b"READY=1" {
+                    break;
+                }
+            }
             if let Ok(Some(s)) = d.child.try_wait() {
                 panic!("soci-store serve exited with {s}: {}", d.log_text());
             }
-            assert!(Instant::now() < deadline, "not mounted after 30 s");
-            std::thread::sleep(Duration::from_millis(20));
+            assert!(Instant::now() < deadline, "not ready after 60 s");
         }
+        assert!(mounted(mnt), "ready but not mounted");
         d
     }
 
@@ -72,14 +95,44 @@ impl Daemon {
             .status();
         self.child.wait().unwrap()
     }
+
+    /// SIGKILL: a crash. The mount stays for the next daemon.
+    fn crash(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.keep_mount = true;
+    }
+
+    /// Handoff sockets of running holders.
+    fn holders(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(&self.state)
+            .map(|d| {
+                d.filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if self.keep_mount {
+            return;
+        }
         if mounted(&self.mnt) {
             let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
+        // The holder: told to let go of the connection (its protocol: "q", then EOF).
+        for sock in self.holders() {
+            if let Ok(mut c) = std::os::unix::net::UnixStream::connect(&sock) {
+                use std::io::{Read, Write};
+                let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+                let _ = c.write_all(b"q");
+                let _ = c.read_to_end(&mut Vec::new());
+            }
         }
     }
 }
@@ -113,7 +166,7 @@ async fn setup_with(fetcher_extra: &str) -> Env {
     std::fs::write(
         &cfg,
         format!(
-            "artifacts = \"{a}/artifacts\"\n[[fetchers]]\ntype = \"registry\"\ninsecure = [\"{r}\"]\nregistries_conf = \"/nonexistent\"\n{fetcher_extra}\n\
+            "artifacts = \"{a}/artifacts\"\nstate_dir = \"{a}/state\"\n[[fetchers]]\ntype = \"registry\"\ninsecure = [\"{r}\"]\nregistries_conf = \"/nonexistent\"\n{fetcher_extra}\n\
              [cache]\ntype = \"tiered\"\nmemory_bytes = \"64MiB\"\npath = \"{a}/cache\"\ndisk_bytes = \"1GiB\"\n",
             a = dir.path().display(),
             r = reg.addr()
@@ -621,4 +674,125 @@ async fn background_fetch_makes_layers_fully_local() {
     assert!(std::fs::read(base.join("data/big-random.bin")).unwrap() == random_bytes(12 << 20, 11));
     let top = mnt.join(&b64).join(&env.layer_digests[1]).join("diff");
     assert!(std::fs::read(top.join("more/random2.bin")).unwrap() == random_bytes(11 << 20, 13));
+}
+
+/// The daemon crashes (SIGKILL) while a container runs from lazily pulled layers; a new daemon on
+/// the same mountpoint takes over the FUSE connection: the running container's next reads
+/// succeed, podman starts new containers from the layers it already links to, and spans the first
+/// daemon cached on disk are not fetched again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_daemon_keeps_running_containers_reading() {
+    let env = setup().await;
+    let mnt = env.dir.path().join("store");
+    let first = Daemon::start_with(
+        &env.cfg,
+        &mnt,
+        &env.dir.path().join("first.log"),
+        &["--no-background-fetch"],
+    );
+    let mut lazy = Podman::new();
+    lazy.storage_opts.push(format!(
+        "overlay.additionallayerstore={}:ref",
+        mnt.display()
+    ));
+    let image = format!("{}/test/app:v1-soci", env.reg.addr());
+    lazy.run(&["pull", "-q", "--tls-verify=false", &image]);
+    lazy.run(&[
+        "run",
+        "-d",
+        "--name",
+        "keep",
+        "--network",
+        "none",
+        &image,
+        "/bin/busybox",
+        "sleep",
+        "3600",
+    ]);
+    let sum = |c: &str, path: &str| -> String {
+        let out = lazy.run(&["exec", c, "/bin/busybox", "sha256sum", path]);
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let text = common::servers::sha256_digest(&text_bytes(3 << 20, 12));
+    assert_eq!(format!("sha256:{}", sum("keep", "/data/text.txt")), text);
+    let hello = common::servers::sha256_digest(b"hello from the base layer\n");
+    assert_eq!(format!("sha256:{}", sum("keep", "/etc/hello.txt")), hello);
+
+    first.crash();
+    assert!(mounted(&mnt), "the mount outlives the crashed daemon");
+    // The kernel would answer from its page cache: make the reads reach the new daemon.
+    std::fs::write("/proc/sys/vm/drop_caches", "1").unwrap();
+    let log_before = env.reg.log_text().len();
+    // A read while no daemon runs waits in the kernel for the next one.
+    let waiting = lazy
+        .command()
+        .args([
+            "exec",
+            "keep",
+            "/bin/busybox",
+            "sha256sum",
+            "/etc/hello.txt",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    let mut second = Daemon::start_with(
+        &env.cfg,
+        &mnt,
+        &env.dir.path().join("second.log"),
+        &["--no-background-fetch"],
+    );
+    assert!(
+        second.log_text().contains("took over the mount"),
+        "{}",
+        second.log_text()
+    );
+    let waited = waiting.wait_with_output().unwrap();
+    assert!(waited.status.success(), "{waited:?}");
+    assert!(String::from_utf8_lossy(&waited.stdout).starts_with(&hello[7..]));
+    // The running container: a cached file, then one never read before.
+    assert_eq!(format!("sha256:{}", sum("keep", "/data/text.txt")), text);
+    let random2 = common::servers::sha256_digest(&random_bytes(11 << 20, 13));
+    assert_eq!(
+        format!("sha256:{}", sum("keep", "/more/random2.bin")),
+        random2
+    );
+    let base = &env.layer_digests[0];
+    let log = env.reg.log_text()[log_before..].to_string();
+    assert!(
+        !log.contains(&format!("/blobs/{base} ")),
+        "spans cached on disk were fetched again:\n{log}"
+    );
+    assert!(
+        log.contains(&format!("/blobs/{} ", env.layer_digests[1])),
+        "the uncached file came from the registry:\n{log}"
+    );
+    // A new container from the layers podman already links to.
+    let out = lazy.run(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        &image,
+        "/bin/busybox",
+        "cat",
+        "/etc/hello.txt",
+    ]);
+    assert_eq!(out.stdout, b"hello from the base layer\n");
+
+    lazy.run(&["rm", "-f", "-t", "0", "keep"]);
+    drop(lazy);
+    let status = second.stop();
+    assert!(status.success(), "{}", second.log_text());
+    assert!(!mounted(&mnt), "unmounted on SIGTERM");
+    assert!(
+        second.holders().is_empty(),
+        "the holder exits with a clean stop"
+    );
 }

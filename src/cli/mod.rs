@@ -45,6 +45,12 @@ enum Command {
     Create(index::CreateArgs),
     /// Serve SOCI-indexed images to podman as a FUSE additional layer store.
     Serve(serve::ServeArgs),
+    /// Internal: keeps a store's FUSE connection (stdin) open across daemon restarts.
+    #[command(hide = true)]
+    HoldFuse {
+        /// The handoff socket to listen on.
+        socket: PathBuf,
+    },
     /// SOCI indexes in the local artifact store, and discovery.
     #[command(subcommand)]
     Index(index::IndexCommand),
@@ -98,6 +104,7 @@ impl Cli {
             Command::Create(args) => args.run(&ctx),
             Command::Index(cmd) => cmd.run(&ctx),
             Command::Serve(args) => args.run(&ctx),
+            Command::HoldFuse { socket } => crate::store::handoff::hold(&socket),
         }
     }
 

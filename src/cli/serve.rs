@@ -48,11 +48,11 @@ impl ServeArgs {
         sc.lookup_timeout = Duration::from_secs_f64(self.lookup_timeout);
         sc.background_fetch = !self.no_background_fetch;
         sc.background_rate = self.background_rate;
-        store::serve(
-            Arc::new(sc),
-            &self.mountpoint,
-            self.threads,
-            config.metrics_address.clone(),
-        )
+        let opts = store::ServeOptions {
+            threads: self.threads,
+            metrics_address: config.metrics_address.clone(),
+            state_dir: Some(config.state_dir.clone()),
+        };
+        store::serve(Arc::new(sc), &self.mountpoint, &opts)
     }
 }

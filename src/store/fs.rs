@@ -15,6 +15,7 @@ use fuser::{
     ReplyXattr, Request,
 };
 
+use super::journal::{Journal, LayerRecord, Record};
 use super::layers::{Layer, StoreContext};
 use super::tree::NodeKind;
 
@@ -51,11 +52,18 @@ struct LayerInodes {
     diff_base: u64,
 }
 
+/// The kernel's FUSE ABI version and capabilities, once the handshake happened.
+pub type Handshake = Arc<std::sync::Mutex<Option<((u32, u32), u64)>>>;
+
 /// The store filesystem.
 pub struct StoreFs {
     ctx: Arc<StoreContext>,
     state: RwLock<State>,
     next_ino: AtomicU64,
+    /// Where new inode numbers are recorded before the kernel sees them (restart survival).
+    journal: Option<Arc<Journal>>,
+    /// The kernel's ABI version and capabilities from the FUSE handshake.
+    kernel: Handshake,
 }
 
 fn time(secs: i64, nanos: u32) -> SystemTime {
@@ -100,11 +108,88 @@ impl StoreFs {
             ctx,
             state: RwLock::new(state),
             next_ino: AtomicU64::new(2),
+            journal: None,
+            kernel: Arc::default(),
         }
+    }
+
+    /// Records every inode number it hands out in `journal`.
+    pub fn with_journal(mut self, journal: Arc<Journal>) -> Self {
+        self.journal = Some(journal);
+        self
+    }
+
+    /// What the kernel said at the FUSE handshake (ABI version, capabilities), once it happened.
+    pub fn kernel_handshake(&self) -> Handshake {
+        self.kernel.clone()
+    }
+
+    /// The filesystem a previous daemon served, rebuilt from its journal: the same inode
+    /// numbers for the same nodes. Layers are rebuilt from local state (artifact store, cache)
+    /// when possible; one that cannot be is logged and its numbers answer ENOENT.
+    pub fn restore(ctx: Arc<StoreContext>, records: &[Record]) -> Self {
+        let fs = StoreFs::new(ctx.clone());
+        let mut refs: HashMap<u64, String> = HashMap::new();
+        let mut layers: HashMap<u64, Arc<Layer>> = HashMap::new();
+        let mut next = 2u64;
+        let mut st = fs.write_state();
+        for r in records {
+            match r {
+                Record::Mount { .. } => {}
+                Record::RefDir { ino, name } => {
+                    next = next.max(ino + 1);
+                    let Some(reference) = decode_ref(name.as_bytes()) else {
+                        continue;
+                    };
+                    refs.insert(*ino, reference.clone());
+                    st.ref_dirs.insert(name.as_bytes().to_vec(), *ino);
+                    st.specials.insert(*ino, Special::RefDir { reference });
+                }
+                Record::Layer(rec) => {
+                    next = next.max(rec.ino + 3 + rec.nodes);
+                    let c = ctx.clone();
+                    let fut = async move {
+                        tokio::time::timeout(c.lookup_timeout, c.restore_layer(rec)).await
+                    };
+                    match ctx.runtime.block_on(fut) {
+                        Ok(Ok(layer)) => {
+                            fs.install(&mut st, rec.ino, &layer);
+                            layers.insert(rec.ino, layer);
+                        }
+                        Ok(Err(e)) => tracing::error!(blob = rec.blob, "cannot restore: {e}"),
+                        Err(_) => tracing::error!(blob = rec.blob, "restoring timed out"),
+                    }
+                }
+                Record::LayerDir { parent, name, ino } => {
+                    if let (Some(layer), Some(reference)) = (layers.get(ino), refs.get(parent)) {
+                        st.layer_dirs
+                            .insert((*parent, name.as_bytes().to_vec()), *ino);
+                        ctx.remember_layer(reference, name, layer.clone());
+                    }
+                }
+                Record::Uses { ino, uses } => {
+                    if let Some(layer) = layers.get(ino) {
+                        layer.uses.store(*uses, Ordering::SeqCst);
+                    }
+                }
+            }
+        }
+        drop(st);
+        fs.next_ino.store(next, Ordering::SeqCst);
+        tracing::info!(layers = layers.len(), next_inode = next, "restored");
+        fs
     }
 
     fn alloc(&self, n: u64) -> u64 {
         self.next_ino.fetch_add(n, Ordering::Relaxed)
+    }
+
+    fn record(&self, r: &Record) {
+        if let Some(j) = &self.journal {
+            if let Err(e) = j.append(r) {
+                tracing::warn!("inode journal: {e}; a restart will not keep this mount");
+            }
+        }
     }
 
     fn read_state(&self) -> std::sync::RwLockReadGuard<'_, State> {
@@ -137,17 +222,35 @@ impl StoreFs {
             return *i;
         }
         let n = layer.tree.nodes.len() as u64;
+        let base = self.alloc(3 + n);
+        self.record(&Record::Layer(Box::new(LayerRecord {
+            ino: base,
+            nodes: n,
+            reference: layer.reference.to_string(),
+            blob: layer.blob.digest.clone(),
+            blob_size: layer.blob_size,
+            ztoc: layer.ztoc_digest.clone(),
+            ztoc_size: layer.ztoc_size,
+            info: String::from_utf8_lossy(&layer.info).into_owned(),
+        })));
+        self.install(&mut st, base, layer)
+    }
+
+    /// Gives `layer` the numbers `base` (its directory), `base+1` (info), `base+2` (blob) and
+    /// from `base+3` its diff tree.
+    fn install(&self, st: &mut State, base: u64, layer: &Arc<Layer>) -> LayerInodes {
+        let n = layer.tree.nodes.len() as u64;
         let i = LayerInodes {
-            dir: self.alloc(1),
-            info: self.alloc(1),
-            blob: self.alloc(1),
-            diff_base: self.alloc(n),
+            dir: base,
+            info: base + 1,
+            blob: base + 2,
+            diff_base: base + 3,
         };
         st.specials.insert(i.dir, Special::LayerDir(layer.clone()));
         st.specials.insert(i.info, Special::Info(layer.clone()));
         st.specials.insert(i.blob, Special::Blob(layer.clone()));
         st.ranges.insert(i.diff_base, (layer.clone(), n));
-        st.layer_inodes.insert(key, i);
+        st.layer_inodes.insert(Arc::as_ptr(layer) as usize, i);
         i
     }
 
@@ -214,6 +317,10 @@ impl StoreFs {
     fn note_use(&self, parent: u64, name: &OsStr) {
         if let (Some(Special::LayerDir(layer)), b"use") = (self.special(parent), name.as_bytes()) {
             let n = layer.uses.fetch_add(1, Ordering::SeqCst) + 1;
+            self.record(&Record::Uses {
+                ino: parent,
+                uses: n,
+            });
             tracing::info!(blob = %layer.blob, uses = n, "use");
         }
     }
@@ -234,6 +341,13 @@ fn decode_ref(name: &[u8]) -> Option<String> {
 }
 
 impl Filesystem for StoreFs {
+    fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
+        let abi = config.kernel_abi();
+        let caps = config.capabilities().bits();
+        *self.kernel.lock().unwrap_or_else(|p| p.into_inner()) = Some(((abi.0, abi.1), caps));
+        Ok(())
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let parent = parent.0;
         let name_b = name.as_bytes();
@@ -252,6 +366,10 @@ impl Filesystem for StoreFs {
                         return i;
                     }
                     let i = self.alloc(1);
+                    self.record(&Record::RefDir {
+                        ino: i,
+                        name: String::from_utf8_lossy(name_b).into_owned(),
+                    });
                     st.ref_dirs.insert(name_b.to_vec(), i);
                     st.specials.insert(i, Special::RefDir { reference });
                     i
@@ -272,9 +390,19 @@ impl Filesystem for StoreFs {
                 match self.resolve(&reference, digest) {
                     Some(layer) => {
                         let inos = self.layer_inodes(&layer);
-                        self.write_state()
-                            .layer_dirs
-                            .insert((parent, name_b.to_vec()), inos.dir);
+                        let mut st = self.write_state();
+                        let key = (parent, name_b.to_vec());
+                        if let std::collections::hash_map::Entry::Vacant(e) =
+                            st.layer_dirs.entry(key)
+                        {
+                            self.record(&Record::LayerDir {
+                                parent,
+                                name: digest.to_string(),
+                                ino: inos.dir,
+                            });
+                            e.insert(inos.dir);
+                        }
+                        drop(st);
                         reply.entry(
                             &TTL,
                             &attr(inos.dir, FileType::Directory, 0o755, 0, 2),
@@ -534,8 +662,10 @@ impl Filesystem for StoreFs {
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let key = (parent.0, name.as_bytes().to_vec());
         let dir = self.read_state().layer_dirs.get(&key).copied();
-        if let Some(Special::LayerDir(layer)) = dir.and_then(|d| self.special(d)) {
+        if let (Some(d), Some(Special::LayerDir(layer))) = (dir, dir.and_then(|d| self.special(d)))
+        {
             let n = layer.uses.fetch_sub(1, Ordering::SeqCst) - 1;
+            self.record(&Record::Uses { ino: d, uses: n });
             tracing::info!(blob = %layer.blob, uses = n, "release");
         }
         reply.error(Errno::ENOENT);

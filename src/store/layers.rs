@@ -54,6 +54,8 @@ pub struct Layer {
     pub reference: Reference,
     pub blob: BlobLocator,
     pub ztoc_digest: String,
+    /// The encoded zTOC's size (with its digest, enough to fetch it again).
+    pub ztoc_size: u64,
     pub ztoc: Arc<Ztoc>,
     pub tree: LayerTree,
     /// The `info` file.
@@ -152,6 +154,67 @@ impl StoreContext {
             .clone()
     }
 
+    /// Rebuilds a layer a previous daemon served from its journal record: the zTOC from the
+    /// artifact store (or the registry), nothing else from the network.
+    pub async fn restore_layer(
+        self: &Arc<Self>,
+        rec: &super::journal::LayerRecord,
+    ) -> Result<Arc<Layer>, String> {
+        let reference = Reference::parse(&rec.reference).map_err(|e| e.to_string())?;
+        let zdesc =
+            crate::index::Descriptor::new(crate::index::MT_ZTOC, rec.ztoc.clone(), rec.ztoc_size);
+        let ztoc = fetch_ztoc(&self.client, self.artifacts.as_ref(), &reference, &zdesc)
+            .await
+            .map_err(|e| e.to_string())?;
+        if ztoc.compressed_size != rec.blob_size {
+            return Err(format!("zTOC {} does not fit blob {}", rec.ztoc, rec.blob));
+        }
+        let tree = LayerTree::build(&ztoc);
+        if tree.nodes.len() as u64 != rec.nodes {
+            return Err(format!(
+                "zTOC {} gives {} nodes, the journal says {}",
+                rec.ztoc,
+                tree.nodes.len(),
+                rec.nodes
+            ));
+        }
+        let blob = BlobLocator::new(reference.clone(), &rec.blob);
+        let ztoc = Arc::new(ztoc);
+        let reader = LayerReader::new(
+            ztoc.clone(),
+            RemoteLayer::new(self.spans.clone(), blob.clone(), self.runtime.clone()),
+        )
+        .with_span_cache(2);
+        let layer = Arc::new(Layer {
+            reference,
+            blob,
+            ztoc_digest: rec.ztoc.clone(),
+            ztoc_size: rec.ztoc_size,
+            ztoc,
+            tree,
+            info: rec.info.clone().into_bytes(),
+            blob_size: rec.blob_size,
+            reader,
+            uses: AtomicI64::new(0),
+        });
+        self.stats
+            .layers_served
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if self.background_fetch {
+            let (ctx, l) = (self.clone(), layer.clone());
+            self.runtime
+                .spawn(async move { ctx.fetch_all(&l, Vec::new()).await });
+        }
+        Ok(layer)
+    }
+
+    /// Makes later lookups of `digest` in `reference` answer `layer` (a restored layer keeps
+    /// its inode numbers).
+    pub fn remember_layer(&self, reference: &str, digest: &str, layer: Arc<Layer>) {
+        let c = cell(&self.layers, &(reference.to_string(), digest.to_string()));
+        let _ = c.set(Ok(Some(layer)));
+    }
+
     /// [`Self::layer`] as a boxed `Send` future (resolutions spawn resolutions).
     fn layer_boxed(
         self: Arc<Self>,
@@ -226,6 +289,7 @@ impl StoreContext {
             reference: image.reference.clone(),
             blob,
             ztoc_digest: zdesc.digest.clone(),
+            ztoc_size: zdesc.size,
             tree: LayerTree::build(&ztoc),
             ztoc,
             info: serde_json::to_vec(&info).expect("json"),

@@ -3,17 +3,23 @@
 //! overlayfs wants them, `fs` answers the kernel.
 
 pub mod fs;
+pub mod handoff;
+pub mod journal;
 pub mod layers;
 pub mod metrics;
 pub mod tree;
 
-use std::path::Path;
+use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use fuser::{Config as FuseConfig, MountOption, SessionACL};
 
 pub use fs::StoreFs;
+use handoff::StatePaths;
+use journal::{Journal, Record};
 pub use layers::StoreContext;
 
 /// Unmounts a dead FUSE mount (ENOTCONN) left at `path` by a crashed daemon, and makes sure the
@@ -87,16 +93,25 @@ pub fn notify_ready() {
     }
 }
 
-/// Mounts the store at `mountpoint` and serves until SIGINT or SIGTERM, then unmounts. With a
-/// `metrics_address`, also serves Prometheus metrics there.
-pub fn serve(
-    ctx: Arc<StoreContext>,
-    mountpoint: &Path,
-    threads: usize,
-    metrics_address: Option<String>,
-) -> Result<()> {
-    prepare_mountpoint(mountpoint)?;
-    if let Some(addr) = metrics_address {
+/// How `serve` runs.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// FUSE worker threads.
+    pub threads: usize,
+    /// `host:port` for Prometheus metrics.
+    pub metrics_address: Option<String>,
+    /// Where the handoff socket and inode journal live; without it a restarted daemon mounts
+    /// afresh and running containers lose their layers.
+    pub state_dir: Option<PathBuf>,
+}
+
+/// Mounts the store at `mountpoint` (or takes over the mount a previous daemon left there) and
+/// serves until SIGINT or SIGTERM, then unmounts. SIGUSR1 exits leaving the mount to the next
+/// daemon.
+pub fn serve(ctx: Arc<StoreContext>, mountpoint: &Path, opts: &ServeOptions) -> Result<()> {
+    let mountpoint = std::path::absolute(mountpoint)?;
+    let mountpoint = mountpoint.as_path();
+    if let Some(addr) = opts.metrics_address.clone() {
         let (stats, spans) = (ctx.stats.clone(), ctx.spans.clone());
         let listener = ctx
             .runtime
@@ -107,22 +122,184 @@ pub fn serve(
             }
         });
     }
-    let fs = StoreFs::new(ctx.clone());
-    let session = fuser::spawn_mount(fs, mountpoint, &fuse_config(threads))
-        .with_context(|| format!("mounting the store at {}", mountpoint.display()))?;
+    let paths = match &opts.state_dir {
+        Some(dir) => match create_state_dir(dir) {
+            Ok(()) => Some(StatePaths::new(dir, mountpoint)),
+            Err(e) => {
+                tracing::warn!("{e:#}: a restarted daemon will not keep this mount");
+                None
+            }
+        },
+        None => None,
+    };
+    let mut session = None;
+    if let Some(p) = &paths {
+        match resume(&ctx, mountpoint, opts.threads, p) {
+            Ok(Some(s)) => {
+                tracing::info!("took over the mount at {}", mountpoint.display());
+                session = Some(s);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(
+                    "cannot take over the mount at {}: {e:#}",
+                    mountpoint.display()
+                );
+                handoff::release(&p.socket);
+            }
+        }
+    }
+    let session = match session {
+        Some(s) => s,
+        None => mount(&ctx, mountpoint, opts.threads, paths.as_ref())?,
+    };
     tracing::info!("serving at {}", mountpoint.display());
     notify_ready();
-    ctx.runtime.block_on(async {
+    let handover = ctx.runtime.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        Ok::<_, std::io::Error>(())
+        let mut usr1 = signal(SignalKind::user_defined1())?;
+        let handover = tokio::select! {
+            _ = term.recv() => false,
+            _ = int.recv() => false,
+            _ = usr1.recv() => true,
+        };
+        Ok::<_, std::io::Error>(handover)
     })?;
+    if handover && paths.is_some() {
+        tracing::info!(
+            "leaving the mount at {} to the next daemon",
+            mountpoint.display()
+        );
+        // Dropping the session would unmount.
+        std::mem::forget(session);
+        return Ok(());
+    }
     tracing::info!("unmounting {}", mountpoint.display());
-    session.umount_and_join().context("unmounting")?;
+    // Not joined: while containers still use its layers the connection outlives the unmount,
+    // and it ends when this process exits.
+    drop(session);
+    if handoff::mount_at(mountpoint).is_some_and(|(_, t)| is_fuse(&t)) {
+        unmount(mountpoint)?;
+    }
+    if let Some(p) = &paths {
+        handoff::release(&p.socket);
+        let _ = std::fs::remove_file(&p.journal);
+    }
     Ok(())
+}
+
+/// Whether mountinfo's file system type is a FUSE mount (`fuse`, or `fuse.<subtype>` when the
+/// mount helper passed our subtype on).
+fn is_fuse(fstype: &str) -> bool {
+    fstype == "fuse" || fstype.starts_with("fuse.")
+}
+
+fn create_state_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating the state directory {}", dir.display()))
+}
+
+fn unmount(mountpoint: &Path) -> Result<()> {
+    let ok = |c: &mut std::process::Command| c.status().map(|s| s.success()).unwrap_or(false);
+    if ok(std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg(mountpoint))
+        || ok(std::process::Command::new("umount").arg(mountpoint))
+    {
+        return Ok(());
+    }
+    bail!("cannot unmount {}", mountpoint.display())
+}
+
+/// A fresh mount; with state paths, journaled and kept alive by a holder process.
+fn mount(
+    ctx: &Arc<StoreContext>,
+    mountpoint: &Path,
+    threads: usize,
+    paths: Option<&StatePaths>,
+) -> Result<fuser::BackgroundSession> {
+    prepare_mountpoint(mountpoint)?;
+    let mut fs = StoreFs::new(ctx.clone());
+    let journal = match paths.map(|p| Journal::create(&p.journal)) {
+        Some(Ok(j)) => Some(Arc::new(j)),
+        Some(Err(e)) => {
+            tracing::warn!("inode journal: {e}; a restarted daemon will not keep this mount");
+            None
+        }
+        None => None,
+    };
+    if let Some(j) = &journal {
+        fs = fs.with_journal(j.clone());
+    }
+    let kernel = fs.kernel_handshake();
+    let session = fuser::Session::new(fs, mountpoint, &fuse_config(threads))
+        .with_context(|| format!("mounting the store at {}", mountpoint.display()))?;
+    if let (Some(p), Some(j)) = (paths, &journal) {
+        let kept = (|| {
+            let (abi, capabilities) = kernel
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .context("no FUSE handshake")?;
+            let (dev, _) = handoff::mount_at(mountpoint).context("the mount is not listed")?;
+            j.append(&Record::Mount {
+                dev,
+                abi,
+                capabilities,
+            })?;
+            handoff::spawn_holder(session.as_fd(), &p.socket)
+        })();
+        if let Err(e) = kept {
+            tracing::warn!("{e:#}: a restarted daemon will not keep this mount");
+        }
+    }
+    Ok(session.spawn()?)
+}
+
+/// Takes over the mount a previous daemon left at `mountpoint`, if its holder still runs.
+fn resume(
+    ctx: &Arc<StoreContext>,
+    mountpoint: &Path,
+    threads: usize,
+    p: &StatePaths,
+) -> Result<Option<fuser::BackgroundSession>> {
+    let Some(fuse) = handoff::take_over(&p.socket)? else {
+        return Ok(None);
+    };
+    let records =
+        Journal::load(&p.journal).with_context(|| format!("reading {}", p.journal.display()))?;
+    let Some(Record::Mount {
+        dev,
+        abi,
+        capabilities,
+    }) = records.first()
+    else {
+        bail!("{} does not start with the mount", p.journal.display());
+    };
+    match handoff::mount_at(mountpoint) {
+        Some((d, t)) if &d == dev && is_fuse(&t) => {}
+        other => bail!(
+            "{} is no longer the mount the previous daemon served (now {other:?})",
+            mountpoint.display()
+        ),
+    }
+    let fs = StoreFs::restore(ctx.clone(), &records)
+        .with_journal(Arc::new(Journal::reopen(&p.journal)?));
+    // fuser starts a session with the FUSE handshake, which the kernel does not repeat: give it
+    // the handshake on a socket, then point the session's descriptor at the live connection.
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+    (&ours).write_all(&handoff::synthetic_init(*abi, *capabilities))?;
+    let cfg = fuse_config(threads);
+    let session = fuser::Session::from_fd(fs, OwnedFd::from(theirs), cfg.acl, cfg.clone())
+        .context("starting the resumed FUSE session")?;
+    drop(ours);
+    crate::sys::fd::repoint(session.as_fd(), fuse.as_fd())?;
+    let session = session.spawn()?;
+    handoff::resend_pending(fuse.as_fd());
+    Ok(Some(session))
 }

@@ -11,11 +11,11 @@ use std::io::{ErrorKind, Read};
 use sha2::{Digest, Sha256};
 
 use super::tar::TarScanner;
-use super::zlib::{Format, Inflater};
 use super::{
     Checkpoint, Compression, Ztoc, ZtocError, BUILD_TOOL, DEFAULT_MIN_LAYER_SIZE,
     DEFAULT_SPAN_SIZE, WINDOW_SIZE, ZTOC_VERSION,
 };
+use crate::sys::zlib::{Format, Inflater};
 
 const IN_BUF: usize = 256 * 1024;
 const OUT_BUF: usize = 256 * 1024;

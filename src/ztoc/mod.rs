@@ -16,7 +16,6 @@ pub mod reader;
 pub mod tar;
 pub mod time;
 pub mod verify;
-mod zlib;
 
 use std::ops::Range;
 

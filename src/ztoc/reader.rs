@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use sha2::{Digest, Sha256};
 
 use super::tar::TarScanner;
-use super::zlib::{Format, Inflater};
 use super::{Compression, EntryType, Ztoc, ZtocError, MAX_SPAN_BYTES};
+use crate::sys::zlib::{Format, Inflater};
 
 type Result<T> = std::result::Result<T, ZtocError>;
 

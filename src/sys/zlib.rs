@@ -1,4 +1,4 @@
-//! The one module with `unsafe`: a minimal safe wrapper over zlib's inflate.
+//! A minimal safe wrapper over zlib's inflate.
 //!
 //! Why FFI: resuming a deflate stream at a checkpoint needs `inflatePrime` (the bits of a byte
 //! shared by two blocks) and stopping at block boundaries needs `Z_BLOCK` with `data_type`; neither

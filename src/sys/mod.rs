@@ -1,0 +1,9 @@
+//! The one place with `unsafe`: small safe wrappers over what the standard library and our
+//! dependencies do not expose.
+//!
+//! - [`zlib`]: inflate that resumes at checkpoints (`inflatePrime`, `Z_BLOCK`);
+//! - [`fd`]: passing a file descriptor between processes and re-pointing one at another file,
+//!   which a FUSE session needs to survive a daemon restart.
+
+pub mod fd;
+pub mod zlib;
