@@ -151,6 +151,11 @@ async fn setup() -> Env {
 
 /// `fetcher_extra` adds options to the registry fetcher (e.g. a short deadline).
 async fn setup_with(fetcher_extra: &str) -> Env {
+    setup_converted(fetcher_extra, &[]).await
+}
+
+/// [`setup_with`], with extra `soci-store convert` arguments.
+async fn setup_converted(fetcher_extra: &str, convert_extra: &[&str]) -> Env {
     let reg = registry(RegistryOpts::default());
     let layers = soci_test_image();
     let gz: Vec<Vec<u8>> = layers.iter().map(|(_, g)| g.clone()).collect();
@@ -177,6 +182,7 @@ async fn setup_with(fetcher_extra: &str) -> Env {
         .arg("--config")
         .arg(&cfg)
         .args(["convert", "--quiet", "--span-size", "1MiB"])
+        .args(convert_extra)
         .arg(format!("{}/test/app:v1", reg.addr()))
         .arg(format!("{}/test/app:v1-soci", reg.addr()))
         .output()
@@ -674,6 +680,74 @@ async fn background_fetch_makes_layers_fully_local() {
     assert!(std::fs::read(base.join("data/big-random.bin")).unwrap() == random_bytes(12 << 20, 11));
     let top = mnt.join(&b64).join(&env.layer_digests[1]).join("diff");
     assert!(std::fs::read(top.join("more/random2.bin")).unwrap() == random_bytes(11 << 20, 13));
+}
+
+/// `convert --prefetch-file` writes a SOCI prefetch artifact, and the store's background fetcher
+/// takes its spans first: with the pace slowed to a crawl after one span per layer, the prefetched
+/// file (in the base layer's last span) reads with the registry gone, the layer's first span not.
+#[tokio::test(flavor = "multi_thread")]
+async fn prefetch_artifact_spans_are_fetched_first() {
+    use base64::Engine;
+    let mut env = setup_converted(
+        "deadline = 4.0\nrequest_timeout = 1.0",
+        &["--prefetch-file", "/bin/suid"],
+    )
+    .await;
+    let metrics_port = common::servers::free_port();
+    let cfg = std::fs::read_to_string(&env.cfg).unwrap();
+    std::fs::write(
+        &env.cfg,
+        format!("metrics_address = \"127.0.0.1:{metrics_port}\"\n{cfg}"),
+    )
+    .unwrap();
+    // The index lists one prefetch artifact, for the base layer.
+    let out = Command::new(env!("CARGO_BIN_EXE_soci-store"))
+        .arg("--config")
+        .arg(&env.cfg)
+        .args(["index", "discover"])
+        .arg(format!("{}/test/app:v1-soci", env.reg.addr()))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("(2 zTOCs, 1 prefetch artifacts)"), "{text}");
+
+    let mnt = env.dir.path().join("store");
+    let _daemon = Daemon::start_with(
+        &env.cfg,
+        &mnt,
+        &env.dir.path().join("daemon.log"),
+        &["--background-rate", "1KiB"],
+    );
+    let b64 = base64::engine::general_purpose::STANDARD
+        .encode(format!("{}/test/app:v1-soci", env.reg.addr()));
+    let base = mnt.join(&b64).join(&env.layer_digests[0]).join("diff");
+    // Metadata only: resolves both layers and starts their background fetch, reads nothing.
+    assert!(base.join("bin/suid").exists());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let spans: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("soci_store_spans_fetched_total "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        if spans >= 2.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no background spans:\n{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    env.reg.stop();
+    assert_eq!(std::fs::read(base.join("bin/suid")).unwrap(), b"#suid!\n");
+    let err = std::fs::read(base.join("etc/hello.txt")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc_eio()), "{err}");
 }
 
 /// The daemon crashes (SIGKILL) while a container runs from lazily pulled layers; a new daemon on

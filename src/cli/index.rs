@@ -29,6 +29,10 @@ pub struct BuildArgs {
     /// Layers processed at once.
     #[arg(long, default_value_t = 3)]
     jobs: usize,
+    /// A file the image's start reads (path in the image; repeatable, most urgent first): its
+    /// spans go into a SOCI prefetch artifact, which the store fetches before the rest.
+    #[arg(long = "prefetch-file", value_name = "PATH")]
+    prefetch_files: Vec<String>,
     /// No progress or summary; errors only.
     #[arg(long, conflicts_with = "json")]
     quiet: bool,
@@ -57,6 +61,7 @@ impl BuildArgs {
             platforms,
             podman_annotations,
             concurrency: self.jobs.max(1),
+            prefetch_files: self.prefetch_files.clone(),
         })
     }
 }
@@ -307,12 +312,15 @@ impl IndexCommand {
                         .block_on(discover(&client, Some(&store), &r, &platform))?;
                 match found {
                     Some(d) => {
+                        let count =
+                            |mt: &str| d.index.layers.iter().filter(|l| l.media_type == mt).count();
                         println!(
-                            "{} {:?} index for image manifest {} ({} zTOCs)",
+                            "{} {:?} index for image manifest {} ({} zTOCs, {} prefetch artifacts)",
                             d.index_digest,
                             d.kind,
                             d.image_manifest_digest,
-                            d.index.layers.len()
+                            count(crate::index::MT_ZTOC),
+                            count(crate::index::MT_SOCI_PREFETCH),
                         );
                         Ok(())
                     }

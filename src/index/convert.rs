@@ -36,6 +36,9 @@ pub struct ConvertOptions {
     pub podman_annotations: bool,
     /// Layers processed at once.
     pub concurrency: usize,
+    /// Files (paths in the image) whose spans a prefetch artifact per layer lists, first listed
+    /// first: the store fetches those before the rest of the layer.
+    pub prefetch_files: Vec<String>,
 }
 
 impl Default for ConvertOptions {
@@ -46,6 +49,7 @@ impl Default for ConvertOptions {
             platforms: Platforms::Host,
             podman_annotations: true,
             concurrency: 3,
+            prefetch_files: Vec::new(),
         }
     }
 }
@@ -229,6 +233,35 @@ fn ztoc_descriptor(layer: &Descriptor, z: &Ztoc, bytes: &[u8]) -> Descriptor {
     d
 }
 
+/// The SOCI prefetch artifact (formats.md §2.1) for the `files` of one layer: the spans holding
+/// their data, priority by position in `files` (0 first). None when the layer holds none of them.
+pub fn prefetch_artifact(z: &Ztoc, files: &[String]) -> Option<Vec<u8>> {
+    fn norm(p: &[u8]) -> &[u8] {
+        let p = p.strip_prefix(b".").unwrap_or(p);
+        let start = p.iter().position(|&b| b != b'/').unwrap_or(p.len());
+        &p[start..]
+    }
+    let mut ranges = Vec::new();
+    for (priority, f) in files.iter().enumerate() {
+        let want = norm(f.as_bytes());
+        let found = z
+            .entries
+            .iter()
+            .find(|e| e.kind == crate::ztoc::EntryType::Reg && e.size > 0 && norm(&e.name) == want);
+        if let Some(e) = found {
+            ranges.push(serde_json::json!({
+                "start_span": z.span_for_offset(e.offset),
+                "end_span": z.span_for_offset(e.offset + e.size - 1),
+                "priority": priority,
+            }));
+        }
+    }
+    (!ranges.is_empty()).then(|| {
+        serde_json::to_vec(&serde_json::json!({"version": "1.0", "prefetch_spans": ranges}))
+            .expect("json")
+    })
+}
+
 fn oci_media_type(mt: &str) -> String {
     match mt {
         MT_DOCKER_CONFIG => MT_OCI_CONFIG.into(),
@@ -246,7 +279,7 @@ async fn index_layers(
     opts: &ConvertOptions,
     copy: bool,
     progress: &dyn Progress,
-) -> Result<Vec<(LayerReport, Option<(Descriptor, Vec<u8>)>)>, IndexError> {
+) -> Result<Vec<(LayerReport, Vec<(Descriptor, Vec<u8>)>)>, IndexError> {
     if copy {
         dst.copy_blob_from(src, &image.config.digest).await?;
     }
@@ -297,6 +330,18 @@ async fn index_layers(
             if upload {
                 note_push(&mut note, "copied");
             }
+            let mut artifacts = Vec::new();
+            if let Some((z, bytes)) = &built {
+                artifacts.push((ztoc_descriptor(layer, z, bytes), bytes.clone()));
+                if let Some(p) = prefetch_artifact(z, &opts.prefetch_files) {
+                    let mut d =
+                        Descriptor::new(MT_SOCI_PREFETCH, sha256_digest(&p), p.len() as u64);
+                    d.annotations
+                        .insert(ANN_LAYER_DIGEST.into(), layer.digest.clone());
+                    artifacts.push((d, p));
+                    note_push(&mut note, "prefetch artifact");
+                }
+            }
             let report = LayerReport {
                 digest: layer.digest.clone(),
                 size: layer.size,
@@ -305,8 +350,7 @@ async fn index_layers(
                 note,
             };
             progress.layer_done(&report);
-            let out = built.map(|(z, bytes)| (ztoc_descriptor(layer, &z, &bytes), bytes));
-            Ok::<_, IndexError>((report, out))
+            Ok::<_, IndexError>((report, artifacts))
         }
     });
     let results: Vec<_> = futures::stream::iter(jobs)
@@ -323,16 +367,18 @@ fn note_push(note: &mut String, what: &str) {
     note.push_str(what);
 }
 
-type BuiltLayers = [(LayerReport, Option<(Descriptor, Vec<u8>)>)];
+/// Each layer's report and index artifacts (its zTOC, then its prefetch artifact).
+type BuiltLayers = [(LayerReport, Vec<(Descriptor, Vec<u8>)>)];
 
-/// Uploads the built zTOCs and the index config blob; returns the zTOC descriptors and bytes.
+/// Uploads the built zTOCs, prefetch artifacts and the index config blob; returns their
+/// descriptors and bytes.
 async fn push_ztocs(
     dst: &Endpoint,
     layers: &BuiltLayers,
 ) -> Result<(Vec<Descriptor>, Vec<Vec<u8>>), IndexError> {
     let mut ztocs = Vec::new();
     let mut blobs = Vec::new();
-    for (desc, bytes) in layers.iter().filter_map(|(_, built)| built.as_ref()) {
+    for (desc, bytes) in layers.iter().flat_map(|(_, built)| built) {
         dst.put_blob(&desc.digest, Bytes::from(bytes.clone()))
             .await?;
         blobs.push(bytes.clone());
@@ -473,10 +519,10 @@ pub async fn convert(
         for l in &mut image.layers {
             l.media_type = oci_media_type(&l.media_type);
             if opts.podman_annotations {
-                if let Some(z) = ztocs
-                    .iter()
-                    .find(|z| z.annotations.get(ANN_LAYER_DIGEST) == Some(&l.digest))
-                {
+                if let Some(z) = ztocs.iter().find(|z| {
+                    z.media_type == MT_ZTOC
+                        && z.annotations.get(ANN_LAYER_DIGEST) == Some(&l.digest)
+                }) {
                     l.annotations
                         .insert(ANN_STARGZ_TOC.into(), z.digest.clone());
                 }
@@ -511,7 +557,7 @@ pub async fn convert(
                 image: dst.image.to_string(),
                 image_manifest: image_digest.clone(),
                 platform: platform.to_string(),
-                ztocs: ztocs.len(),
+                ztocs: ztocs.iter().filter(|z| z.media_type == MT_ZTOC).count(),
                 origin: "built".into(),
             },
             &all,
@@ -617,7 +663,7 @@ pub async fn create(
                 image: r.to_string(),
                 image_manifest: digest.clone(),
                 platform: platform.to_string(),
-                ztocs: ztocs.len(),
+                ztocs: ztocs.iter().filter(|z| z.media_type == MT_ZTOC).count(),
                 origin: "built".into(),
             },
             &all,
