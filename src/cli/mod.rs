@@ -118,14 +118,21 @@ impl Cli {
 /// their own [`BackendRegistry`].
 pub fn main_with(backends: BackendRegistry) -> ExitCode {
     use tracing_subscriber::EnvFilter;
+    let cli = Cli::parse();
+    // The daemon tells what it does (mounts, takeovers, layers used and released); commands
+    // speak only of trouble. fuser's notes on operations we leave unimplemented are noise.
+    let default = match cli.command {
+        Command::Serve(_) | Command::HoldFuse { .. } => "info,fuser=error",
+        _ => "warn,fuser=error",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_env("SOCI_STORE_LOG").unwrap_or_else(|_| "warn".into()),
+            EnvFilter::try_from_env("SOCI_STORE_LOG").unwrap_or_else(|_| default.into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match Cli::parse().run_with(backends) {
+    match cli.run_with(backends) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("soci-store: error: {e:#}");
