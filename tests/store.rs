@@ -870,3 +870,45 @@ async fn a_restarted_daemon_keeps_running_containers_reading() {
         "the holder exits with a clean stop"
     );
 }
+
+/// A journal the new daemon cannot use (here: overwritten with garbage) means no takeover: it says
+/// why, lets the old connection go and mounts afresh, and the store works.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unusable_journal_falls_back_to_a_fresh_mount() {
+    use base64::Engine;
+    let env = setup().await;
+    let mnt = env.dir.path().join("store");
+    let first = Daemon::start(&env.cfg, &mnt, &env.dir.path().join("first.log"));
+    let b64 = base64::engine::general_purpose::STANDARD
+        .encode(format!("{}/test/app:v1-soci", env.reg.addr()));
+    let hello = mnt
+        .join(&b64)
+        .join(&env.layer_digests[0])
+        .join("diff/etc/hello.txt");
+    assert_eq!(
+        std::fs::read(&hello).unwrap(),
+        b"hello from the base layer\n"
+    );
+    let journals: Vec<PathBuf> = std::fs::read_dir(&first.state)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "journal"))
+        .collect();
+    assert_eq!(journals.len(), 1);
+    first.crash();
+    std::fs::write(&journals[0], b"{ not a journal\n{}\n").unwrap();
+
+    let second = Daemon::start(&env.cfg, &mnt, &env.dir.path().join("second.log"));
+    let log = second.log_text();
+    assert!(log.contains("cannot take over"), "{log}");
+    assert!(!log.contains("took over"), "{log}");
+    assert_eq!(
+        std::fs::read(&hello).unwrap(),
+        b"hello from the base layer\n"
+    );
+    assert_eq!(
+        second.holders().len(),
+        1,
+        "the new mount has its own holder"
+    );
+}

@@ -164,10 +164,25 @@ pub fn release(socket: &Path) {
     }
 }
 
-/// The `major:minor` and file system type of what is mounted at `mountpoint` (the topmost mount),
-/// read from /proc/self/mountinfo without touching the mount itself (a mount whose daemon is gone
-/// would block).
-pub fn mount_at(mountpoint: &Path) -> Option<(String, String)> {
+/// What mountinfo says of a mount.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MountInfo {
+    /// `major:minor`.
+    pub dev: String,
+    pub fstype: String,
+    pub source: String,
+}
+
+impl MountInfo {
+    /// A FUSE mount made by soci-store (`fuse` or `fuse.<subtype>`, source `soci-store`).
+    pub fn is_ours(&self) -> bool {
+        (self.fstype == "fuse" || self.fstype.starts_with("fuse.")) && self.source == "soci-store"
+    }
+}
+
+/// What is mounted at `mountpoint` (the topmost mount), read from /proc/self/mountinfo without
+/// touching the mount itself (a mount whose daemon is gone would block).
+pub fn mount_at(mountpoint: &Path) -> Option<MountInfo> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     let want = mountpoint.to_str()?;
     text.lines()
@@ -175,9 +190,13 @@ pub fn mount_at(mountpoint: &Path) -> Option<(String, String)> {
         .filter_map(|l| {
             let (left, right) = l.split_once(" - ")?;
             let f: Vec<&str> = left.split(' ').collect();
-            let fstype = right.split(' ').next()?;
-            let dev = f.get(2)?.to_string();
-            (unescape(f.get(4)?) == want).then(|| (dev, fstype.to_string()))
+            let mut r = right.split(' ');
+            let info = MountInfo {
+                fstype: r.next()?.to_string(),
+                source: unescape(r.next()?),
+                dev: f.get(2)?.to_string(),
+            };
+            (unescape(f.get(4)?) == want).then_some(info)
         })
         .next()
 }

@@ -22,36 +22,43 @@ use handoff::StatePaths;
 use journal::{Journal, Record};
 pub use layers::StoreContext;
 
-/// Unmounts a dead FUSE mount (ENOTCONN) left at `path` by a crashed daemon, and makes sure the
-/// mountpoint is a directory.
+/// Makes `mountpoint` ready for a fresh mount: a soci-store mount still there (a daemon that died
+/// without a holder, or whose holder was let go) is detached without touching it — touching a mount
+/// whose daemon is gone blocks or fails — as is any other dead FUSE mount; the directory is made
+/// when missing.
 pub fn prepare_mountpoint(path: &Path) -> Result<()> {
+    if handoff::mount_at(path).is_some_and(|m| m.is_ours()) {
+        tracing::warn!(
+            "{}: replacing the mount an earlier daemon left",
+            path.display()
+        );
+        detach(path)?;
+    }
     match std::fs::metadata(path) {
         Ok(m) if m.is_dir() => Ok(()),
         Ok(_) => bail!("{} is not a directory", path.display()),
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-            tracing::warn!("{}: replacing a stale mount", path.display());
-            let ok = std::process::Command::new("fusermount3")
-                .args(["-u", "-z"])
-                .arg(path)
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
-            if !ok {
-                let status = std::process::Command::new("umount")
-                    .arg("-l")
-                    .arg(path)
-                    .status()?;
-                if !status.success() {
-                    bail!("cannot unmount the stale mount at {}", path.display());
-                }
-            }
-            Ok(())
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED)) => {
+            tracing::warn!("{}: replacing a dead FUSE mount", path.display());
+            detach(path)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))
         }
         Err(e) => Err(e).with_context(|| format!("checking {}", path.display())),
     }
+}
+
+/// Lazily unmounts whatever is mounted at `path`.
+fn detach(path: &Path) -> Result<()> {
+    let ok = |c: &mut std::process::Command| c.status().map(|s| s.success()).unwrap_or(false);
+    if ok(std::process::Command::new("fusermount3")
+        .args(["-u", "-z"])
+        .arg(path))
+        || ok(std::process::Command::new("umount").arg("-l").arg(path))
+    {
+        return Ok(());
+    }
+    bail!("cannot unmount the stale mount at {}", path.display())
 }
 
 /// FUSE options for podman: others may read, devices and setuid work, read-write so that the
@@ -180,20 +187,14 @@ pub fn serve(ctx: Arc<StoreContext>, mountpoint: &Path, opts: &ServeOptions) -> 
     // Not joined: while containers still use its layers the connection outlives the unmount,
     // and it ends when this process exits.
     drop(session);
-    if handoff::mount_at(mountpoint).is_some_and(|(_, t)| is_fuse(&t)) {
-        unmount(mountpoint)?;
+    if handoff::mount_at(mountpoint).is_some_and(|m| m.is_ours()) {
+        detach(mountpoint)?;
     }
     if let Some(p) = &paths {
         handoff::release(&p.socket);
         let _ = std::fs::remove_file(&p.journal);
     }
     Ok(())
-}
-
-/// Whether mountinfo's file system type is a FUSE mount (`fuse`, or `fuse.<subtype>` when the
-/// mount helper passed our subtype on).
-fn is_fuse(fstype: &str) -> bool {
-    fstype == "fuse" || fstype.starts_with("fuse.")
 }
 
 fn create_state_dir(dir: &Path) -> Result<()> {
@@ -203,18 +204,6 @@ fn create_state_dir(dir: &Path) -> Result<()> {
         .mode(0o700)
         .create(dir)
         .with_context(|| format!("creating the state directory {}", dir.display()))
-}
-
-fn unmount(mountpoint: &Path) -> Result<()> {
-    let ok = |c: &mut std::process::Command| c.status().map(|s| s.success()).unwrap_or(false);
-    if ok(std::process::Command::new("fusermount3")
-        .arg("-u")
-        .arg(mountpoint))
-        || ok(std::process::Command::new("umount").arg(mountpoint))
-    {
-        return Ok(());
-    }
-    bail!("cannot unmount {}", mountpoint.display())
 }
 
 /// A fresh mount; with state paths, journaled and kept alive by a holder process.
@@ -246,7 +235,9 @@ fn mount(
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .context("no FUSE handshake")?;
-            let (dev, _) = handoff::mount_at(mountpoint).context("the mount is not listed")?;
+            let dev = handoff::mount_at(mountpoint)
+                .context("the mount is not listed")?
+                .dev;
             j.append(&Record::Mount {
                 dev,
                 abi,
@@ -282,7 +273,7 @@ fn resume(
         bail!("{} does not start with the mount", p.journal.display());
     };
     match handoff::mount_at(mountpoint) {
-        Some((d, t)) if &d == dev && is_fuse(&t) => {}
+        Some(m) if &m.dev == dev && m.is_ours() => {}
         other => bail!(
             "{} is no longer the mount the previous daemon served (now {other:?})",
             mountpoint.display()
