@@ -4,7 +4,8 @@
 # of a private network namespace, which holds the registry, the store and podman); bytes fetched
 # for the lazy start; warm sequential read throughput of a 500 MB file through the mount against
 # local disk; daemon RSS. Medians of REPS (default 3) alternating runs.
-#   usage: [REPS=3] [SPAN_SIZE=4MiB] [BACKGROUND=1] benches/store.sh [WORKDIR]
+#   usage: [REPS=3] [SPAN_SIZE=SIZE] [BACKGROUND=1] benches/store.sh [WORKDIR]
+#   (SPAN_SIZE unset: convert's default)
 #   (BACKGROUND=1: lazy runs keep the background fetcher on; "bytes fetched" then includes it)
 #   (shares the debootstrap tree with benches/ztoc.sh)
 set -euo pipefail
@@ -93,8 +94,11 @@ memory_bytes = "256MiB"
 path = "$tmp/cache"
 disk_bytes = "4GiB"
 C
-span="${SPAN_SIZE:-4MiB}"
-in_ns "$bin" --config "$tmp/config.toml" convert --quiet --span-size "$span" "127.0.0.1:$port/app:v1" "127.0.0.1:$port/app:soci"
+span_args=()
+[ -n "${SPAN_SIZE:-}" ] && span_args=(--span-size "$SPAN_SIZE")
+in_ns "$bin" --config "$tmp/config.toml" convert --quiet "${span_args[@]}" "127.0.0.1:$port/app:v1" "127.0.0.1:$port/app:soci"
+# The zTOCs are the artifact store's big blobs (index manifests are a few hundred bytes).
+ztoc_bytes=$(find "$tmp/artifacts" -type f -size +8k -printf '%s\n' | awk '{s+=$1} END {print s+0}')
 in_ns "$bin" --config "$tmp/config.toml" convert --quiet "127.0.0.1:$port/big:v1" "127.0.0.1:$port/big:soci"
 
 cat > "$tmp/containers.conf" <<C
@@ -164,7 +168,8 @@ kill -TERM "$dpid"; while kill -0 "$dpid" 2>/dev/null; do sleep 0.05; done; wait
 
 median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 mp=$(median "${plain[@]}"); ml=$(median "${lazy[@]}"); mf=$(median "${fetched[@]}")
-echo "span size: $span; background fetch: ${BACKGROUND:-0}"
+echo "span size: ${SPAN_SIZE:-convert default}; background fetch: ${BACKGROUND:-0}"
+echo "zTOC bytes: $ztoc_bytes"
 echo "plain runs (s): ${plain[*]}"
 echo "lazy runs (s): ${lazy[*]}"
 echo "bytes fetched per lazy start: ${fetched[*]} (image: $image_bytes compressed bytes)"

@@ -297,7 +297,7 @@ async fn create_v1_through_the_fallback_tag_keeps_every_index() {
     );
 
     // A second index (other span size) is added to the fallback tag, not replacing the first.
-    let out = env.ok(&["create", &env.image(":v1"), "--span-size", "1MiB", "--json"]);
+    let out = env.ok(&["create", &env.image(":v1"), "--span-size", "4MiB", "--json"]);
     let second: serde_json::Value = serde_json::from_str(&out).unwrap();
     let second_index = second["platforms"][0]["soci_index"].as_str().unwrap();
     assert_ne!(first_index, second_index);

@@ -21,7 +21,9 @@ pub struct BuildArgs {
     /// Convert every platform of a multi-platform image.
     #[arg(long, conflicts_with = "platforms")]
     all_platforms: bool,
-    #[arg(long, default_value = "4MiB", value_parser = parse_size)]
+    /// Uncompressed bytes per span (the unit fetched on demand). Upstream SOCI uses 4MiB; smaller
+    /// spans start containers sooner (docs/benchmarks.md) for a slightly larger zTOC.
+    #[arg(long, default_value = "1MiB", value_parser = parse_size)]
     span_size: u64,
     /// Smaller layers are not indexed (podman pulls them normally).
     #[arg(long, default_value = "10MiB", value_parser = parse_size)]

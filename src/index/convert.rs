@@ -26,6 +26,12 @@ pub enum Platforms {
     All,
 }
 
+/// The span size `convert` and `create` use unless told: 1 MiB, where upstream SOCI uses 4 MiB.
+/// A start fetches whole spans for every file it touches; measured with podman over 100 Mbit/s
+/// (docs/benchmarks.md), 1 MiB spans fetch 2.6x fewer bytes and start 1.6x sooner, for a zTOC of
+/// about 3% of the layer instead of 1%.
+pub const DEFAULT_SPAN_SIZE: u64 = 1 << 20;
+
 /// Options for [`convert`] and [`create`].
 #[derive(Clone, Debug)]
 pub struct ConvertOptions {
@@ -44,7 +50,7 @@ pub struct ConvertOptions {
 impl Default for ConvertOptions {
     fn default() -> Self {
         ConvertOptions {
-            span_size: ztoc::DEFAULT_SPAN_SIZE,
+            span_size: DEFAULT_SPAN_SIZE,
             min_layer_size: ztoc::DEFAULT_MIN_LAYER_SIZE,
             platforms: Platforms::Host,
             podman_annotations: true,
