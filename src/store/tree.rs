@@ -85,9 +85,9 @@ const OPAQUE: &[u8] = b".wh..wh..opq";
 
 impl LayerTree {
     pub fn build(z: &Ztoc) -> LayerTree {
-        let mut t = LayerTree {
-            nodes: vec![Node::dir(0)],
-        };
+        let mut root = Node::dir(0);
+        root.mode = 0o555;
+        let mut t = LayerTree { nodes: vec![root] };
         for (i, e) in z.entries.iter().enumerate() {
             let norm = path::normalize(&e.name);
             let meta = |kind: NodeKind| Node {
@@ -103,12 +103,8 @@ impl LayerTree {
                 opaque: false,
             };
             if norm.is_empty() {
-                // The root entry gives the root its metadata (copied to the container's root).
-                let mut root = meta(NodeKind::Dir);
-                root.nlink = 2;
-                root.children = std::mem::take(&mut t.nodes[0].children);
-                root.opaque = t.nodes[0].opaque;
-                t.nodes[0] = root;
+                // The root entry is ignored, as a normal pull ignores it: containers/storage
+                // makes every layer root 0555 root:root and copies that to the container's root.
                 continue;
             }
             let (parent_path, base) = path::split_parent(&norm);
@@ -274,6 +270,10 @@ mod tests {
             t.nodes[t.lookup_path(b"a/s").unwrap()].kind,
             NodeKind::Symlink(b"f".to_vec())
         );
-        assert_eq!(t.nodes[0].mode, 0o644);
+        assert_eq!(
+            (t.nodes[0].mode, t.nodes[0].uid),
+            (0o555, 0),
+            "the root is what containers/storage gives a layer root, whatever `./` says"
+        );
     }
 }

@@ -125,4 +125,4 @@ impl Drop for Podman {
 
 /// A listing of every file with its sha256, from inside a container.
 pub const LIST_FILES: &str =
-    "cd / && /bin/busybox find . -xdev \\( -path ./proc -o -path ./sys -o -path ./dev -o -path ./run -o -path ./etc/hosts -o -path ./etc/hostname -o -path ./etc/resolv.conf \\) -prune -o -type f -print | /bin/busybox sort | /bin/busybox xargs /bin/busybox sha256sum; /bin/busybox find /bin /data /etc/hello.txt /etc/hello-link /etc/xattr.txt /opaque /more | /bin/busybox sort | /bin/busybox xargs /bin/busybox stat -c '%A %u:%g %N'";
+    "cd / && /bin/busybox find . -xdev \\( -path ./proc -o -path ./sys -o -path ./dev -o -path ./run -o -path ./etc/hosts -o -path ./etc/hostname -o -path ./etc/resolv.conf \\) -prune -o -type f -print | /bin/busybox sort | /bin/busybox xargs /bin/busybox sha256sum; /bin/busybox find /bin /data /etc/hello.txt /etc/hello-link /etc/xattr.txt /opaque /more | /bin/busybox sort | /bin/busybox xargs /bin/busybox stat -c '%A %u:%g %N'; /bin/busybox stat -c '%A %u:%g %N' /";
