@@ -816,7 +816,7 @@ async fn a_restarted_daemon_keeps_running_containers_reading() {
         .spawn()
         .unwrap();
 
-    let mut second = Daemon::start_with(
+    let second = Daemon::start_with(
         &env.cfg,
         &mnt,
         &env.dir.path().join("second.log"),
@@ -860,13 +860,28 @@ async fn a_restarted_daemon_keeps_running_containers_reading() {
     ]);
     assert_eq!(out.stdout, b"hello from the base layer\n");
 
+    // Again: the second daemon's journal additions (that container's use and release) carry over.
+    second.crash();
+    std::fs::write("/proc/sys/vm/drop_caches", "1").unwrap();
+    let mut third = Daemon::start_with(
+        &env.cfg,
+        &mnt,
+        &env.dir.path().join("third.log"),
+        &["--no-background-fetch"],
+    );
+    assert!(third.log_text().contains("took over the mount"));
+    assert_eq!(
+        format!("sha256:{}", sum("keep", "/more/random2.bin")),
+        random2
+    );
+
     lazy.run(&["rm", "-f", "-t", "0", "keep"]);
     drop(lazy);
-    let status = second.stop();
-    assert!(status.success(), "{}", second.log_text());
+    let status = third.stop();
+    assert!(status.success(), "{}", third.log_text());
     assert!(!mounted(&mnt), "unmounted on SIGTERM");
     assert!(
-        second.holders().is_empty(),
+        third.holders().is_empty(),
         "the holder exits with a clean stop"
     );
 }
