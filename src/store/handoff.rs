@@ -71,6 +71,14 @@ pub fn spawn_holder(fuse: BorrowedFd<'_>, socket: &Path) -> Result<()> {
 /// says quit; hands a duplicate to every daemon that asks at `socket`.
 pub fn hold(socket: &Path) -> Result<()> {
     let fuse = std::io::stdin().as_fd().try_clone_to_owned()?;
+    {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let m = std::fs::File::from(fuse.try_clone()?).metadata()?;
+        // /dev/fuse is character device 10:229.
+        if !m.file_type().is_char_device() || m.rdev() != libc::makedev(10, 229) {
+            bail!("hold-fuse keeps a /dev/fuse connection given as stdin (it is internal to serve)");
+        }
+    }
     let _ = std::fs::remove_file(socket);
     let listener =
         UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
