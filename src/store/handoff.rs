@@ -76,7 +76,9 @@ pub fn hold(socket: &Path) -> Result<()> {
         let m = std::fs::File::from(fuse.try_clone()?).metadata()?;
         // /dev/fuse is character device 10:229.
         if !m.file_type().is_char_device() || m.rdev() != libc::makedev(10, 229) {
-            bail!("hold-fuse keeps a /dev/fuse connection given as stdin (it is internal to serve)");
+            bail!(
+                "hold-fuse keeps a /dev/fuse connection given as stdin (it is internal to serve)"
+            );
         }
     }
     let _ = std::fs::remove_file(socket);
