@@ -64,14 +64,7 @@ impl Env {
     }
 
     fn ok(&self, args: &[&str]) -> String {
-        let out = self.cli(args);
-        assert!(
-            out.status.success(),
-            "soci-store {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        common::soci_store_ok(&self.cfg, args)
     }
 
     fn image(&self, tail: &str) -> String {
@@ -628,23 +621,16 @@ async fn zstd_layers_are_skipped_with_a_note() {
         ),
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_soci-store"))
-        .arg("--config")
-        .arg(&cfg)
-        .args([
+    let out = common::soci_store_ok(
+        &cfg,
+        &[
             "convert",
             "--json",
             &format!("{}/z/app:v1", reg.addr()),
             &format!("{}/z/app:soci", reg.addr()),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
     let layer = &report["platforms"][0]["layers"][0];
     assert!(layer["ztoc"].is_null());
     assert!(layer["note"].as_str().unwrap().contains("zstd"), "{layer}");

@@ -137,6 +137,58 @@ impl Drop for Daemon {
     }
 }
 
+/// The daemon's Prometheus endpoint.
+struct Metrics {
+    port: u16,
+}
+
+impl Metrics {
+    /// Turns the endpoint on in the config file `cfg`.
+    fn enable(cfg: &Path) -> Metrics {
+        let port = common::servers::free_port();
+        let text = std::fs::read_to_string(cfg).unwrap();
+        std::fs::write(
+            cfg,
+            format!("metrics_address = \"127.0.0.1:{port}\"\n{text}"),
+        )
+        .unwrap();
+        Metrics { port }
+    }
+
+    async fn text(&self) -> String {
+        reqwest::get(format!("http://127.0.0.1:{}/metrics", self.port))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    fn value(text: &str, name: &str) -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
+            .parse()
+            .unwrap()
+    }
+
+    /// Polls until `name` reaches `at_least`; fails after `within`.
+    async fn wait_for(&self, name: &str, at_least: f64, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let text = self.text().await;
+            if Self::value(&text, name) >= at_least {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} below {at_least} after {within:?}:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
 struct Env {
     reg: Server,
     dir: tempfile::TempDir,
@@ -178,20 +230,12 @@ async fn setup_converted(fetcher_extra: &str, convert_extra: &[&str]) -> Env {
         ),
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_soci-store"))
-        .arg("--config")
-        .arg(&cfg)
-        .args(["convert", "--quiet", "--span-size", "1MiB"])
-        .args(convert_extra)
-        .arg(format!("{}/test/app:v1", reg.addr()))
-        .arg(format!("{}/test/app:v1-soci", reg.addr()))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let src = format!("{}/test/app:v1", reg.addr());
+    let dst = format!("{}/test/app:v1-soci", reg.addr());
+    let mut args = vec!["convert", "--quiet", "--span-size", "1MiB"];
+    args.extend_from_slice(convert_extra);
+    args.extend([src.as_str(), dst.as_str()]);
+    common::soci_store_ok(&cfg, &args);
     Env {
         reg,
         dir,
@@ -292,13 +336,7 @@ async fn podman_4_pulls_and_runs_lazily_through_the_store() {
 async fn store_tree_answers_like_the_protocol_says() {
     use base64::Engine;
     let env = setup().await;
-    let metrics_port = common::servers::free_port();
-    let cfg = std::fs::read_to_string(&env.cfg).unwrap();
-    std::fs::write(
-        &env.cfg,
-        format!("metrics_address = \"127.0.0.1:{metrics_port}\"\n{cfg}"),
-    )
-    .unwrap();
+    let metrics = Metrics::enable(&env.cfg);
     let mnt = env.dir.path().join("store");
     let _daemon = Daemon::start(&env.cfg, &mnt, &env.dir.path().join("daemon.log"));
     let image = format!("{}/test/app:v1-soci", env.reg.addr());
@@ -381,19 +419,8 @@ async fn store_tree_answers_like_the_protocol_says() {
     assert_eq!(common::servers::sha256_digest(&blob), env.layer_digests[0]);
 
     // The metrics endpoint counts what happened.
-    let text = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let value = |name: &str| -> f64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
-            .parse()
-            .unwrap()
-    };
+    let text = metrics.text().await;
+    let value = |name: &str| Metrics::value(&text, name);
     assert!(value("soci_store_spans_fetched_total") >= 1.0, "{text}");
     assert!(value("soci_store_bytes_fetched_total") > 0.0);
     assert!(value("soci_store_read_seconds_count") >= 2.0);
@@ -630,13 +657,7 @@ async fn podman_5_pulls_and_runs_lazily_through_the_store() {
 async fn background_fetch_makes_layers_fully_local() {
     use base64::Engine;
     let mut env = setup().await;
-    let metrics_port = common::servers::free_port();
-    let cfg = std::fs::read_to_string(&env.cfg).unwrap();
-    std::fs::write(
-        &env.cfg,
-        format!("metrics_address = \"127.0.0.1:{metrics_port}\"\n{cfg}"),
-    )
-    .unwrap();
+    let metrics = Metrics::enable(&env.cfg);
     let mnt = env.dir.path().join("store");
     let _daemon = Daemon::start_with(
         &env.cfg,
@@ -652,29 +673,9 @@ async fn background_fetch_makes_layers_fully_local() {
         std::fs::read(base.join("etc/hello.txt")).unwrap(),
         b"hello from the base layer\n"
     );
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let text = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let local: f64 = text
-            .lines()
-            .find_map(|l| l.strip_prefix("soci_store_layers_local "))
-            .unwrap()
-            .parse()
-            .unwrap();
-        if local >= 2.0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "layers not local after 120 s:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    metrics
+        .wait_for("soci_store_layers_local", 2.0, Duration::from_secs(120))
+        .await;
     // With the registry gone every file still reads: nothing needs the network any more.
     env.reg.stop();
     assert!(std::fs::read(base.join("data/big-random.bin")).unwrap() == random_bytes(12 << 20, 11));
@@ -693,23 +694,10 @@ async fn prefetch_artifact_spans_are_fetched_first() {
         &["--prefetch-file", "/bin/suid"],
     )
     .await;
-    let metrics_port = common::servers::free_port();
-    let cfg = std::fs::read_to_string(&env.cfg).unwrap();
-    std::fs::write(
-        &env.cfg,
-        format!("metrics_address = \"127.0.0.1:{metrics_port}\"\n{cfg}"),
-    )
-    .unwrap();
+    let metrics = Metrics::enable(&env.cfg);
     // The index lists one prefetch artifact, for the base layer.
-    let out = Command::new(env!("CARGO_BIN_EXE_soci-store"))
-        .arg("--config")
-        .arg(&env.cfg)
-        .args(["index", "discover"])
-        .arg(format!("{}/test/app:v1-soci", env.reg.addr()))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}");
+    let image = format!("{}/test/app:v1-soci", env.reg.addr());
+    let text = common::soci_store_ok(&env.cfg, &["index", "discover", &image]);
     assert!(text.contains("(2 zTOCs, 1 prefetch artifacts)"), "{text}");
 
     let mnt = env.dir.path().join("store");
@@ -724,26 +712,13 @@ async fn prefetch_artifact_spans_are_fetched_first() {
     let base = mnt.join(&b64).join(&env.layer_digests[0]).join("diff");
     // Metadata only: resolves both layers and starts their background fetch, reads nothing.
     assert!(base.join("bin/suid").exists());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let text = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let spans: f64 = text
-            .lines()
-            .find_map(|l| l.strip_prefix("soci_store_spans_fetched_total "))
-            .unwrap()
-            .parse()
-            .unwrap();
-        if spans >= 2.0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no background spans:\n{text}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    metrics
+        .wait_for(
+            "soci_store_spans_fetched_total",
+            2.0,
+            Duration::from_secs(60),
+        )
+        .await;
     env.reg.stop();
     assert_eq!(std::fs::read(base.join("bin/suid")).unwrap(), b"#suid!\n");
     let err = std::fs::read(base.join("etc/hello.txt")).unwrap_err();

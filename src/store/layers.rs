@@ -180,13 +180,9 @@ impl StoreContext {
         }
         let blob = BlobLocator::new(reference.clone(), &rec.blob);
         let ztoc = Arc::new(ztoc);
-        let reader = LayerReader::new(
-            ztoc.clone(),
-            RemoteLayer::new(self.spans.clone(), blob.clone(), self.runtime.clone()),
-        )
-        .with_span_cache(2);
-        let layer = Arc::new(Layer {
+        let layer = Layer {
             reference,
+            reader: self.reader_for(&ztoc, &blob),
             blob,
             ztoc_digest: rec.ztoc.clone(),
             ztoc_size: rec.ztoc_size,
@@ -194,18 +190,31 @@ impl StoreContext {
             tree,
             info: rec.info.clone().into_bytes(),
             blob_size: rec.blob_size,
-            reader,
             uses: AtomicI64::new(0),
-        });
+        };
+        Ok(self.start(layer, Vec::new()))
+    }
+
+    fn reader_for(&self, ztoc: &Arc<Ztoc>, blob: &BlobLocator) -> LayerReader<RemoteLayer> {
+        LayerReader::new(
+            ztoc.clone(),
+            RemoteLayer::new(self.spans.clone(), blob.clone(), self.runtime.clone()),
+        )
+        .with_span_cache(2)
+    }
+
+    /// Serves `layer`: counts it and starts its background fetch (`first` spans first).
+    fn start(self: &Arc<Self>, layer: Layer, first: Vec<usize>) -> Arc<Layer> {
+        let layer = Arc::new(layer);
         self.stats
             .layers_served
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if self.background_fetch {
             let (ctx, l) = (self.clone(), layer.clone());
             self.runtime
-                .spawn(async move { ctx.fetch_all(&l, Vec::new()).await });
+                .spawn(async move { ctx.fetch_all(&l, first).await });
         }
-        Ok(layer)
+        layer
     }
 
     /// Makes later lookups of `digest` in `reference` answer `layer` (a restored layer keeps
@@ -280,13 +289,9 @@ impl StoreContext {
             "flags": {"expected-layer-diffid": diff_id},
         });
         let ztoc = Arc::new(ztoc);
-        let reader = LayerReader::new(
-            ztoc.clone(),
-            RemoteLayer::new(self.spans.clone(), blob.clone(), self.runtime.clone()),
-        )
-        .with_span_cache(2);
-        let layer = Arc::new(Layer {
+        let layer = Layer {
             reference: image.reference.clone(),
+            reader: self.reader_for(&ztoc, &blob),
             blob,
             ztoc_digest: zdesc.digest.clone(),
             ztoc_size: zdesc.size,
@@ -294,22 +299,13 @@ impl StoreContext {
             ztoc,
             info: serde_json::to_vec(&info).expect("json"),
             blob_size: layer_desc.size,
-            reader,
             uses: AtomicI64::new(0),
-        });
-        self.stats
-            .layers_served
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let prefetch = match found.prefetch_for(&layer_desc.digest) {
-            Some(d) => self.prefetch_spans(&image.reference, d).await,
-            None => Vec::new(),
         };
-        if self.background_fetch {
-            let (ctx, l) = (self.clone(), layer.clone());
-            let order = prefetch;
-            self.runtime
-                .spawn(async move { ctx.fetch_all(&l, order).await });
-        }
+        let prefetch = match found.prefetch_for(&layer_desc.digest) {
+            Some(d) if self.background_fetch => self.prefetch_spans(&image.reference, d).await,
+            _ => Vec::new(),
+        };
+        let layer = self.start(layer, prefetch);
         // Podman asks one layer at a time under a lock: resolve the others now.
         for other in layers.iter().filter(|l| l.digest != layer_desc.digest) {
             let (ctx, r, d) = (self.clone(), reference.to_string(), other.digest.clone());

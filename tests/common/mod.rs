@@ -8,6 +8,24 @@ use flate2::write::GzEncoder;
 use flate2::Compression as Level;
 use tar::{EntryType, Header};
 
+/// Runs `soci-store --config CFG ARGS...`; panics with its output unless it succeeds; returns
+/// its stdout.
+pub fn soci_store_ok(cfg: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_soci-store"))
+        .arg("--config")
+        .arg(cfg)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "soci-store {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A file whose contents a test knows.
 pub struct Expected {
     pub name: Vec<u8>,
