@@ -5,6 +5,7 @@
 //! - [`cache`]: verified span bytes kept in memory and on disk;
 //! - [`spans`]: the cache + fetchers stack that feeds the span reader;
 //! - [`config`] and [`backends`]: the config file and the named backend factories;
+//! - [`store`]: the podman additional layer store (FUSE); [`trace`]: its start breakdown;
 //! - [`cli`]: the `soci-store` command line.
 
 pub mod backends;
@@ -17,4 +18,5 @@ pub mod reference;
 pub mod spans;
 pub mod store;
 mod sys;
+pub mod trace;
 pub mod ztoc;

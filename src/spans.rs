@@ -27,6 +27,8 @@ pub struct SpanStats {
     pub waiting: std::sync::atomic::AtomicUsize,
     /// When a reader last had to wait for a fetch (ms since the Unix epoch).
     pub last_demand_ms: AtomicU64,
+    /// Woken when a reader starts waiting for a fetch (background fetches give way).
+    pub demand: tokio::sync::Notify,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -43,6 +45,51 @@ pub struct SpanStore {
     cache: Arc<dyn SpanCache>,
     inflight: Mutex<HashMap<SpanKey, Flight>>,
     pub stats: SpanStats,
+    trace: crate::trace::Tracer,
+}
+
+/// Why a span is fetched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// A reader waits for it.
+    Demand,
+    /// Making the layer local; gives way to demand.
+    Background,
+}
+
+impl Purpose {
+    fn as_str(self) -> &'static str {
+        match self {
+            Purpose::Demand => "demand",
+            Purpose::Background => "background",
+        }
+    }
+}
+
+/// Records a fetch in the trace when it ends, or as cancelled when it is dropped first.
+struct Traced<'a> {
+    trace: &'a crate::trace::Tracer,
+    started: std::time::Instant,
+    event: Option<crate::trace::Event>,
+}
+
+impl Traced<'_> {
+    fn done(mut self, bytes: u64, outcome: &str) {
+        if let Some(mut e) = self.event.take() {
+            e.bytes = bytes;
+            e.outcome = outcome.to_string();
+            self.trace.record(self.started, e);
+        }
+    }
+}
+
+impl Drop for Traced<'_> {
+    fn drop(&mut self) {
+        if let Some(mut e) = self.event.take() {
+            e.outcome = "cancelled".into();
+            self.trace.record(self.started, e);
+        }
+    }
 }
 
 impl SpanStore {
@@ -52,6 +99,30 @@ impl SpanStore {
             cache,
             inflight: Mutex::default(),
             stats: SpanStats::default(),
+            trace: crate::trace::Tracer::off(),
+        }
+    }
+
+    /// Records fetches (and, through [`Self::trace`], whatever the store adds) in `trace`.
+    pub fn set_tracer(&mut self, trace: crate::trace::Tracer) {
+        self.trace = trace;
+    }
+
+    pub fn trace(&self) -> &crate::trace::Tracer {
+        &self.trace
+    }
+
+    /// Starts a traced event of kind `ev` about `what`.
+    fn traced(&self, ev: &str, what: String, purpose: Purpose) -> Traced<'_> {
+        Traced {
+            trace: &self.trace,
+            started: std::time::Instant::now(),
+            event: self.trace.enabled().then(|| crate::trace::Event {
+                ev: ev.into(),
+                what,
+                kind: purpose.as_str().into(),
+                ..Default::default()
+            }),
         }
     }
 
@@ -79,6 +150,17 @@ impl SpanStore {
         ztoc: &Ztoc,
         id: usize,
     ) -> Result<Bytes, Arc<FetchError>> {
+        self.span_for(blob, ztoc, id, Purpose::Demand).await
+    }
+
+    /// [`Self::span`], saying why (for the trace).
+    pub async fn span_for(
+        &self,
+        blob: &BlobLocator,
+        ztoc: &Ztoc,
+        id: usize,
+        purpose: Purpose,
+    ) -> Result<Bytes, Arc<FetchError>> {
         let key = SpanKey::new(&blob.digest, id);
         if let Some(b) = self.cache.get(&key) {
             self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
@@ -94,7 +176,7 @@ impl SpanStore {
             .clone();
         let result = flight
             .get_or_init(|| async {
-                self.fetch_verified(blob, ztoc, id, &key)
+                self.fetch_verified(blob, ztoc, id, &key, purpose)
                     .await
                     .map_err(Arc::new)
             })
@@ -113,7 +195,9 @@ impl SpanStore {
         ztoc: &Ztoc,
         id: usize,
         key: &SpanKey,
+        purpose: Purpose,
     ) -> Result<Bytes, FetchError> {
+        let traced = self.traced("span", format!("{}#{id}", blob.digest), purpose);
         let range = ztoc.span(id).compressed;
         let mut last = None;
         // One more try on a digest mismatch: a proxy or connection may have altered the bytes.
@@ -122,6 +206,7 @@ impl SpanStore {
                 Ok(d) => d,
                 Err(e) => {
                     self.stats.fetch_errors.fetch_add(1, Ordering::Relaxed);
+                    traced.done(0, "error");
                     return Err(e);
                 }
             };
@@ -132,6 +217,7 @@ impl SpanStore {
                 Ok(()) => {
                     self.stats.spans_fetched.fetch_add(1, Ordering::Relaxed);
                     self.cache.put(key, data.clone());
+                    traced.done(data.len() as u64, "");
                     return Ok(data);
                 }
                 Err(e) => {
@@ -140,6 +226,7 @@ impl SpanStore {
                 }
             }
         }
+        traced.done(0, "integrity");
         Err(FetchError::Integrity(format!(
             "{blob} span {id}: {}",
             last.map(|e| e.to_string()).unwrap_or_default()
@@ -179,6 +266,7 @@ impl SpanSource for RemoteLayer {
         let stats = &self.store.stats;
         stats.waiting.fetch_add(1, Ordering::SeqCst);
         stats.last_demand_ms.store(now_ms(), Ordering::Relaxed);
+        stats.demand.notify_waiters();
         let result = self.runtime.block_on(self.store.span(&self.blob, ztoc, id));
         stats.waiting.fetch_sub(1, Ordering::SeqCst);
         stats.last_demand_ms.store(now_ms(), Ordering::Relaxed);

@@ -75,7 +75,11 @@ fn check_layer(
     );
 
     // What we write reads back as the same zTOC.
-    assert_eq!(format::decode(&format::encode(&z)).unwrap(), z, "{label}");
+    assert_eq!(
+        format::decode(&format::encode(&z).unwrap()).unwrap(),
+        z,
+        "{label}"
+    );
     z
 }
 
@@ -377,7 +381,7 @@ fn large_toc_loads() {
     };
     z.span_size = 64 << 20;
     z.span_digests = vec![[0; 32]; z.compressed_size.div_ceil(z.span_size) as usize];
-    let bytes = format::encode(&z);
+    let bytes = format::encode(&z).unwrap();
     assert!(bytes.len() > 40 << 20, "{} bytes", bytes.len());
     let back = format::decode(&bytes).unwrap();
     assert_eq!(back.entries.len(), n as usize);

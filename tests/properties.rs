@@ -129,6 +129,6 @@ fn mutation_base() -> &'static (Vec<u8>, Vec<u8>, Vec<u8>) {
         };
         let z = ztoc::build(&blob[..], &opts, &mut |_| {}).unwrap();
         // Keep the buffer small so that flips land in the table, not only in the windows.
-        (tar, blob, format::encode(&z))
+        (tar, blob, format::encode(&z).unwrap())
     })
 }

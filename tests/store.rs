@@ -245,6 +245,43 @@ async fn setup_converted(fetcher_extra: &str, convert_extra: &[&str]) -> Env {
     }
 }
 
+impl Env {
+    /// A config for the daemon with an empty artifact store of its own (convert's has every
+    /// zTOC already), so that what the store fetches shows in the registry log.
+    fn fresh_daemon_config(&self) -> PathBuf {
+        let text = std::fs::read_to_string(&self.cfg).unwrap();
+        let a = self.dir.path().display().to_string();
+        let text = text.replace(
+            &format!("artifacts = \"{a}/artifacts\""),
+            &format!("artifacts = \"{a}/daemon-artifacts\""),
+        );
+        let cfg = self.dir.path().join("daemon.toml");
+        std::fs::write(&cfg, text).unwrap();
+        cfg
+    }
+
+    /// Digests of the blobs the SOCI index of `image` lists (zTOCs and other artifacts).
+    fn index_blobs(&self, image: &str) -> Vec<String> {
+        let found = common::soci_store_ok(&self.cfg, &["index", "discover", image]);
+        let index = found.split_whitespace().next().unwrap().to_string();
+        let text = common::soci_store_ok(&self.cfg, &["index", "info", &index]);
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["digest"].as_str().unwrap().to_string())
+            .collect()
+    }
+}
+
+/// Lines of a registry access log that GET `digest` (any status, any range).
+fn blob_gets(log: &str, digest: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains("\"GET ") && l.contains(&format!("/blobs/{digest} ")))
+        .count()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn podman_4_pulls_and_runs_lazily_through_the_store() {
     let env = setup().await;
@@ -621,7 +658,15 @@ async fn podman_5_pulls_and_runs_lazily_through_the_store() {
     let plain = Podman::new().listing(&format!("{}/test/app:v1", env.reg.addr()));
     let chroot = Chroot::enter();
     let mnt = chroot.root.join("var/lib/soci-store/store");
-    let daemon = Daemon::start(&env.cfg, &mnt, &env.dir.path().join("daemon.log"));
+    let cfg = env.fresh_daemon_config();
+    let metrics = Metrics::enable(&cfg);
+    let trace = env.dir.path().join("trace.jsonl");
+    let daemon = Daemon::start_with(
+        &cfg,
+        &mnt,
+        &env.dir.path().join("daemon.log"),
+        &["--trace", trace.to_str().unwrap()],
+    );
     let log_before = env.reg.log_text().len();
 
     let image = format!("{}/test/app:v1-soci", env.reg.addr());
@@ -650,7 +695,83 @@ async fn podman_5_pulls_and_runs_lazily_through_the_store() {
     // podman 5 asked for the layers by their zTOC digests.
     let dlog = daemon.log_text();
     assert!(dlog.contains(" use"), "podman 5 used the store: {dlog}");
+    // One resolution per layer, although podman asks by zTOC digest and the store resolves the
+    // image's other layers by their compressed digests; every index artifact fetched at most once.
+    let text = metrics.text().await;
+    assert_eq!(
+        Metrics::value(&text, "soci_store_layers_served"),
+        2.0,
+        "{text}"
+    );
+    for d in env.index_blobs(&image) {
+        assert!(
+            blob_gets(&log, &d) <= 1,
+            "{d} fetched more than once:\n{log}"
+        );
+    }
+    // The trace saw the lookups, and what the start read.
+    let summary = common::soci_store_ok(&cfg, &["trace", "summary", trace.to_str().unwrap()]);
+    for what in ["lookup", "read", "span/demand"] {
+        assert!(summary.contains(what), "{summary}");
+    }
     drop(daemon);
+}
+
+/// The background fetcher never starts a fetch while a reader waits for one (nor right after),
+/// so the start's reads do not share the link with it; the trace shows every fetch.
+#[tokio::test(flavor = "multi_thread")]
+async fn background_fetch_gives_way_to_waiting_readers() {
+    use base64::Engine;
+    let env = setup().await;
+    let metrics = Metrics::enable(&env.cfg);
+    let trace = env.dir.path().join("trace.jsonl");
+    let mnt = env.dir.path().join("store");
+    // Slow pacing keeps the background fetcher busy for the whole test.
+    let _daemon = Daemon::start_with(
+        &env.cfg,
+        &mnt,
+        &env.dir.path().join("daemon.log"),
+        &[
+            "--background-rate",
+            "4MiB",
+            "--trace",
+            trace.to_str().unwrap(),
+        ],
+    );
+    let b64 = base64::engine::general_purpose::STANDARD
+        .encode(format!("{}/test/app:v1-soci", env.reg.addr()));
+    let base = mnt.join(&b64).join(&env.layer_digests[0]).join("diff");
+    let top = mnt.join(&b64).join(&env.layer_digests[1]).join("diff");
+    assert!(base.join("etc/hello.txt").exists());
+    // Wait until the background fetcher runs, then read whole files span by span.
+    metrics
+        .wait_for(
+            "soci_store_spans_fetched_total",
+            1.0,
+            Duration::from_secs(60),
+        )
+        .await;
+    assert!(std::fs::read(base.join("data/big-random.bin")).unwrap() == random_bytes(12 << 20, 11));
+    assert!(std::fs::read(top.join("more/random2.bin")).unwrap() == random_bytes(11 << 20, 13));
+
+    let events = soci_store::trace::load(&trace).unwrap();
+    let fetches = |kind: &str| -> Vec<soci_store::trace::Event> {
+        events
+            .iter()
+            .filter(|e| e.ev == "span" && e.kind == kind)
+            .cloned()
+            .collect()
+    };
+    let (demand, background) = (fetches("demand"), fetches("background"));
+    assert!(!demand.is_empty() && !background.is_empty(), "{events:?}");
+    for d in &demand {
+        for b in &background {
+            assert!(
+                !(b.t_ms >= d.t_ms && b.t_ms <= d.t_ms + d.ms),
+                "background fetch {b:?} started while a reader waited for {d:?}"
+            );
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

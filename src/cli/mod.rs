@@ -3,6 +3,7 @@
 mod blob;
 mod index;
 mod serve;
+mod trace;
 mod ztoc;
 
 use std::path::PathBuf;
@@ -54,6 +55,9 @@ enum Command {
     /// SOCI indexes in the local artifact store, and discovery.
     #[command(subcommand)]
     Index(index::IndexCommand),
+    /// Read a start breakdown written by `serve --trace`.
+    #[command(subcommand)]
+    Trace(trace::TraceCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -103,6 +107,7 @@ impl Cli {
             Command::Convert(args) => args.run(&ctx),
             Command::Create(args) => args.run(&ctx),
             Command::Index(cmd) => cmd.run(&ctx),
+            Command::Trace(cmd) => cmd.run(),
             Command::Serve(args) => args.run(&ctx),
             Command::HoldFuse { socket } => crate::store::handoff::hold(&socket),
         }
@@ -157,6 +162,16 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     };
     n.checked_mul(mult)
         .ok_or_else(|| format!("size too large: {s:?}"))
+}
+
+/// Writes `text` to stdout; a reader that went away (EPIPE, as with `| head`) is a normal end.
+pub(crate) fn print_out(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
 }
 
 #[cfg(test)]

@@ -29,12 +29,22 @@ pub struct ServeArgs {
     /// possible while no read waits.
     #[arg(long, value_parser = super::parse_size)]
     background_rate: Option<u64>,
+    /// Write a start breakdown to FILE: one JSON line per lookup, artifact fetch, span fetch
+    /// and FUSE read (`soci-store trace summary FILE` adds them up).
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
 }
 
 impl ServeArgs {
     pub fn run(self, ctx: &CliContext) -> Result<()> {
         let config = ctx.config()?;
-        let spans = Arc::new(ctx.backends.build_span_store(&config)?);
+        let mut spans = ctx.backends.build_span_store(&config)?;
+        if let Some(path) = &self.trace {
+            let t = crate::trace::Tracer::to_file(path)
+                .with_context(|| format!("creating the trace file {}", path.display()))?;
+            spans.set_tracer(t);
+        }
+        let spans = Arc::new(spans);
         let opts: RegistryOptions = match config.fetchers.iter().find(|f| f.kind == "registry") {
             Some(b) => crate::backends::parse_options(&b.options)?,
             None => RegistryOptions::default(),

@@ -143,7 +143,7 @@ fn build(layer: &Path, output: &Path, span_size: u64, min_layer_size: u64) -> Re
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    let bytes = format::encode(&z);
+    let bytes = format::encode(&z)?;
     write_atomic(output, &bytes)?;
     println!(
         "{} {} entries, {} spans, {} bytes",

@@ -216,7 +216,7 @@ async fn process_layer(
         None => Ok(None),
         Some(b) => {
             let z = b.await.map_err(|e| IndexError::Other(e.to_string()))??;
-            let bytes = format::encode(&z);
+            let bytes = format::encode(&z)?;
             Ok(Some((z, bytes)))
         }
     }

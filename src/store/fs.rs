@@ -518,6 +518,17 @@ impl Filesystem for StoreFs {
                         let mut buf = vec![0u8; size as usize];
                         let result = layer.reader.read_entry(entry, offset, &mut buf);
                         self.ctx.stats.read_done(started.elapsed());
+                        let trace = self.ctx.spans.trace();
+                        if trace.enabled() {
+                            let event = crate::trace::Event {
+                                ev: "read".into(),
+                                what: format!("{}:{}+{size}", ino.0, offset),
+                                bytes: *result.as_ref().unwrap_or(&0) as u64,
+                                outcome: if result.is_ok() { "" } else { "error" }.into(),
+                                ..Default::default()
+                            };
+                            trace.record(started, event);
+                        }
                         match result {
                             Ok(n) => reply.data(&buf[..n]),
                             Err(e) => {

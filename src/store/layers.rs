@@ -18,8 +18,9 @@ use crate::reference::Reference;
 use crate::spans::{RemoteLayer, SpanStore};
 use crate::ztoc::{Compression, LayerReader, Ztoc};
 
-/// How long after the last on-demand fetch background fetching waits.
-const DEMAND_QUIET_MS: u64 = 500;
+/// How long background fetching waits after the last on-demand fetch or layer resolution: longer
+/// than the gap between podman's pull and its container's first reads.
+const BACKGROUND_QUIET_MS: u64 = 1500;
 
 /// Resolutions computed once per key, failures included (as messages).
 type Memo<K, T> = Mutex<HashMap<K, Arc<OnceCell<Result<T, String>>>>>;
@@ -39,7 +40,17 @@ pub struct StoreContext {
     pub background_rate: Option<u64>,
     pub stats: Arc<super::metrics::StoreStats>,
     images: Memo<String, Arc<ImageInfo>>,
+    /// Served layers by (reference, compressed layer digest): one resolution per layer whichever
+    /// digest podman asks by.
     layers: Memo<(String, String), Option<Arc<Layer>>>,
+    /// (reference, digest podman asked for) → compressed layer digest.
+    aliases: Mutex<HashMap<(String, String), String>>,
+    /// zTOCs by digest: fetched once however many layers or references share one.
+    ztocs: Memo<String, Arc<Ztoc>>,
+    /// Resolutions under way (the background fetcher waits for them: they are the start's).
+    resolving: std::sync::atomic::AtomicUsize,
+    /// When a resolution last finished (ms since the Unix epoch).
+    last_resolution_ms: std::sync::atomic::AtomicU64,
 }
 
 /// An image's manifest for this platform, its diff IDs and its SOCI index (if any).
@@ -96,6 +107,10 @@ impl StoreContext {
             stats: Arc::default(),
             images: Mutex::default(),
             layers: Mutex::default(),
+            aliases: Mutex::default(),
+            ztocs: Mutex::default(),
+            resolving: Default::default(),
+            last_resolution_ms: Default::default(),
         }
     }
 
@@ -141,17 +156,107 @@ impl StoreContext {
         .clone()
     }
 
-    /// The layer `digest` of `reference`, or None when it cannot be served lazily.
+    /// The layer `digest` of `reference` (its compressed digest or its zTOC digest), or None
+    /// when it cannot be served lazily. Both digests of a layer give the same [`Layer`].
     pub async fn layer(
         self: &Arc<Self>,
         reference: &str,
         digest: &str,
     ) -> Result<Option<Arc<Layer>>, String> {
-        let key = (reference.to_string(), digest.to_string());
+        let started = std::time::Instant::now();
+        let found = self.layer_untraced(reference, digest).await;
+        let outcome = match &found {
+            Ok(Some(_)) => "",
+            Ok(None) => "not-lazy",
+            Err(_) => "error",
+        };
+        self.spans.trace().record(
+            started,
+            crate::trace::Event {
+                ev: "lookup".into(),
+                what: digest.to_string(),
+                outcome: outcome.into(),
+                ..Default::default()
+            },
+        );
+        found
+    }
+
+    async fn layer_untraced(
+        self: &Arc<Self>,
+        reference: &str,
+        digest: &str,
+    ) -> Result<Option<Arc<Layer>>, String> {
+        let asked = (reference.to_string(), digest.to_string());
+        let known = self.lock_aliases().get(&asked).cloned();
+        let blob = match known {
+            Some(b) => b,
+            None => {
+                let _busy = Busy::new(self);
+                let image = self.image(reference).await?;
+                let Some(pos) = image.position(digest) else {
+                    return Ok(None);
+                };
+                let blob = image.layer_digests()[pos].clone();
+                self.lock_aliases().insert(asked, blob.clone());
+                blob
+            }
+        };
+        let key = (reference.to_string(), blob.clone());
         let c = cell(&self.layers, &key);
-        c.get_or_init(|| async { self.resolve(reference, digest).await })
+        c.get_or_init(|| async {
+            let _busy = Busy::new(self);
+            self.resolve(reference, &blob).await
+        })
+        .await
+        .clone()
+    }
+
+    fn lock_aliases(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), String>> {
+        self.aliases.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The zTOC `desc` names: from the artifact store or the network, once per digest.
+    async fn ztoc(
+        &self,
+        r: &Reference,
+        desc: &crate::index::Descriptor,
+    ) -> Result<Arc<Ztoc>, String> {
+        cell(&self.ztocs, &desc.digest)
+            .get_or_init(|| async {
+                let started = std::time::Instant::now();
+                let z = fetch_ztoc(&self.client, self.artifacts.as_ref(), r, desc)
+                    .await
+                    .map(Arc::new)
+                    .map_err(|e: IndexError| e.to_string());
+                let event = crate::trace::Event {
+                    ev: "artifact".into(),
+                    what: desc.digest.clone(),
+                    bytes: desc.size,
+                    outcome: if z.is_ok() { "" } else { "error" }.into(),
+                    ..Default::default()
+                };
+                self.spans.trace().record(started, event);
+                z
+            })
             .await
             .clone()
+    }
+
+    /// Whether background work may use the link now: no resolution under way, no reader
+    /// waiting, and nothing of either for a while (a start reads in bursts; pull, container
+    /// creation and the first reads leave short gaps that background fetching must not fill).
+    pub fn idle(&self) -> bool {
+        use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+        let st = &self.spans.stats;
+        if self.resolving.load(SeqCst) > 0 || st.waiting.load(SeqCst) > 0 {
+            return false;
+        }
+        let last = st
+            .last_demand_ms
+            .load(Relaxed)
+            .max(self.last_resolution_ms.load(Relaxed));
+        crate::spans::now_ms().saturating_sub(last) >= BACKGROUND_QUIET_MS
     }
 
     /// Rebuilds a layer a previous daemon served from its journal record: the zTOC from the
@@ -163,9 +268,7 @@ impl StoreContext {
         let reference = Reference::parse(&rec.reference).map_err(|e| e.to_string())?;
         let zdesc =
             crate::index::Descriptor::new(crate::index::MT_ZTOC, rec.ztoc.clone(), rec.ztoc_size);
-        let ztoc = fetch_ztoc(&self.client, self.artifacts.as_ref(), &reference, &zdesc)
-            .await
-            .map_err(|e| e.to_string())?;
+        let ztoc = self.ztoc(&reference, &zdesc).await?;
         if ztoc.compressed_size != rec.blob_size {
             return Err(format!("zTOC {} does not fit blob {}", rec.ztoc, rec.blob));
         }
@@ -179,7 +282,6 @@ impl StoreContext {
             ));
         }
         let blob = BlobLocator::new(reference.clone(), &rec.blob);
-        let ztoc = Arc::new(ztoc);
         let layer = Layer {
             reference,
             reader: self.reader_for(&ztoc, &blob),
@@ -220,7 +322,10 @@ impl StoreContext {
     /// Makes later lookups of `digest` in `reference` answer `layer` (a restored layer keeps
     /// its inode numbers).
     pub fn remember_layer(&self, reference: &str, digest: &str, layer: Arc<Layer>) {
-        let c = cell(&self.layers, &(reference.to_string(), digest.to_string()));
+        let blob = layer.blob.digest.clone();
+        self.lock_aliases()
+            .insert((reference.to_string(), digest.to_string()), blob.clone());
+        let c = cell(&self.layers, &(reference.to_string(), blob));
         let _ = c.set(Ok(Some(layer)));
     }
 
@@ -235,23 +340,20 @@ impl StoreContext {
         })
     }
 
+    /// Builds the served layer for the compressed layer `blob` of `reference`.
     async fn resolve(
         self: &Arc<Self>,
         reference: &str,
-        digest: &str,
+        blob: &str,
     ) -> Result<Option<Arc<Layer>>, String> {
         let image = self.image(reference).await?;
         let Some(found) = &image.discovered else {
             return Ok(None);
         };
         let layers = &found.image_manifest.layers;
-        let pos = layers.iter().position(|l| {
-            l.digest == digest
-                || found
-                    .ztoc_for(&l.digest)
-                    .is_some_and(|z| z.digest == digest)
-        });
-        let Some(pos) = pos else { return Ok(None) };
+        let Some(pos) = layers.iter().position(|l| l.digest == blob) else {
+            return Ok(None);
+        };
         let layer_desc = &layers[pos];
         let Some(zdesc) = found.ztoc_for(&layer_desc.digest) else {
             return Ok(None);
@@ -259,14 +361,12 @@ impl StoreContext {
         let diff_id = image.diff_ids.get(pos).cloned().ok_or_else(|| {
             format!("{reference}: the image config has no diff ID for layer {pos}")
         })?;
-        let ztoc = fetch_ztoc(
-            &self.client,
-            self.artifacts.as_ref(),
-            &image.reference,
-            zdesc,
-        )
-        .await
-        .map_err(|e: IndexError| e.to_string())?;
+        // Podman asks one layer at a time under a lock: resolve the others meanwhile.
+        for other in layers.iter().filter(|l| l.digest != layer_desc.digest) {
+            let (ctx, r, d) = (self.clone(), reference.to_string(), other.digest.clone());
+            self.runtime.spawn(ctx.layer_boxed(r, d));
+        }
+        let ztoc = self.ztoc(&image.reference, zdesc).await?;
         if ztoc.compressed_size != layer_desc.size {
             return Err(format!(
                 "zTOC {} is for a {}-byte blob, the layer has {}",
@@ -288,7 +388,6 @@ impl StoreContext {
             "toc-digest": zdesc.digest,
             "flags": {"expected-layer-diffid": diff_id},
         });
-        let ztoc = Arc::new(ztoc);
         let layer = Layer {
             reference: image.reference.clone(),
             reader: self.reader_for(&ztoc, &blob),
@@ -305,13 +404,7 @@ impl StoreContext {
             Some(d) if self.background_fetch => self.prefetch_spans(&image.reference, d).await,
             _ => Vec::new(),
         };
-        let layer = self.start(layer, prefetch);
-        // Podman asks one layer at a time under a lock: resolve the others now.
-        for other in layers.iter().filter(|l| l.digest != layer_desc.digest) {
-            let (ctx, r, d) = (self.clone(), reference.to_string(), other.digest.clone());
-            self.runtime.spawn(ctx.layer_boxed(r, d));
-        }
-        Ok(Some(layer))
+        Ok(Some(self.start(layer, prefetch)))
     }
 
     /// The uncompressed tar size podman records (`diff-size`): the zTOC knows the archive up to
@@ -382,33 +475,27 @@ impl StoreContext {
             .chain(0..n)
             .filter(|&i| !std::mem::replace(&mut seen[i], true));
         for id in order.collect::<Vec<_>>() {
-            // Fill idle time only: not while a reader waits, nor shortly after one did (a start
-            // reads in bursts; a background span on the link would delay the next read).
+            // Fill idle time only (see `idle`); a reader that starts waiting meanwhile cancels
+            // this fetch (it is done again later), so background bytes never delay its span.
             loop {
-                let stats = &self.spans.stats;
-                let busy = stats.waiting.load(std::sync::atomic::Ordering::SeqCst) > 0;
-                let last = stats
-                    .last_demand_ms
-                    .load(std::sync::atomic::Ordering::Relaxed);
-                if !busy && crate::spans::now_ms().saturating_sub(last) >= DEMAND_QUIET_MS {
-                    break;
+                while !self.idle() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            let was_cached = self
-                .spans
-                .cache()
-                .contains(&crate::cache::SpanKey::new(&layer.blob.digest, id));
-            match self.spans.span(&layer.blob, &layer.ztoc, id).await {
-                Ok(bytes) => {
-                    if let (Some(rate), false) = (self.background_rate, was_cached) {
-                        let secs = bytes.len() as f64 / rate.max(1) as f64;
-                        tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-                    }
+                let demand = self.spans.stats.demand.notified();
+                tokio::pin!(demand);
+                demand.as_mut().enable();
+                if !self.idle() {
+                    continue;
                 }
-                Err(e) => {
-                    tracing::warn!(blob = %layer.blob, span = id, "background fetch stopped: {e}");
-                    return;
+                tokio::select! {
+                    r = self.background_span(layer, id) => match r {
+                        Ok(()) => break,
+                        Err(e) => {
+                            tracing::warn!(blob = %layer.blob, span = id, "background fetch stopped: {e}");
+                            return;
+                        }
+                    },
+                    _ = &mut demand => {}
                 }
             }
         }
@@ -416,5 +503,74 @@ impl StoreContext {
             .layers_local
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(blob = %layer.blob, "layer fully local");
+    }
+
+    /// Fetches span `id` of `layer` into the cache, paced to `background_rate`.
+    async fn background_span(
+        &self,
+        layer: &Layer,
+        id: usize,
+    ) -> Result<(), Arc<crate::fetch::FetchError>> {
+        let was_cached = self
+            .spans
+            .cache()
+            .contains(&crate::cache::SpanKey::new(&layer.blob.digest, id));
+        let bytes = self
+            .spans
+            .span_for(
+                &layer.blob,
+                &layer.ztoc,
+                id,
+                crate::spans::Purpose::Background,
+            )
+            .await?;
+        if let (Some(rate), false) = (self.background_rate, was_cached) {
+            let secs = bytes.len() as f64 / rate.max(1) as f64;
+            tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+        }
+        Ok(())
+    }
+}
+
+/// Counts a resolution under way for as long as it lives.
+struct Busy<'a>(&'a StoreContext);
+
+impl<'a> Busy<'a> {
+    fn new(ctx: &'a StoreContext) -> Self {
+        ctx.resolving
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Busy(ctx)
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0
+            .last_resolution_ms
+            .store(crate::spans::now_ms(), std::sync::atomic::Ordering::Relaxed);
+        self.0
+            .resolving
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl ImageInfo {
+    /// Compressed digests of the image's layers, in order (empty without a SOCI index).
+    pub fn layer_digests(&self) -> Vec<String> {
+        self.discovered
+            .iter()
+            .flat_map(|d| d.image_manifest.layers.iter().map(|l| l.digest.clone()))
+            .collect()
+    }
+
+    /// The position of the layer podman named by its compressed or its zTOC digest.
+    pub fn position(&self, digest: &str) -> Option<usize> {
+        let found = self.discovered.as_ref()?;
+        found.image_manifest.layers.iter().position(|l| {
+            l.digest == digest
+                || found
+                    .ztoc_for(&l.digest)
+                    .is_some_and(|z| z.digest == digest)
+        })
     }
 }

@@ -25,6 +25,15 @@ fn non_negative(v: i64, what: &str) -> Result<u64> {
 
 /// Parses and validates a serialized zTOC.
 pub fn decode(buf: &[u8]) -> Result<Ztoc> {
+    decode_with(buf, decode_checkpoints)
+}
+
+/// Parses and validates a zTOC buffer whose gzip checkpoints blob `checkpoints` parses (the
+/// zTOC's own layout, or the table layout of [`super::table`]).
+pub(crate) fn decode_with(
+    buf: &[u8],
+    checkpoints: impl Fn(&[u8]) -> Result<(u64, Vec<Checkpoint>)>,
+) -> Result<Ztoc> {
     let root = Table::root(buf)?;
     let version = root.bytes(0)?.to_vec();
     let build_tool = root.bytes(1)?.to_vec();
@@ -62,7 +71,7 @@ pub fn decode(buf: &[u8]) -> Result<Ztoc> {
     let blob = ci.ubytes(3)?;
     let (compression, span_size) = match algo {
         ALGO_GZIP => {
-            let (span_size, checkpoints) = decode_checkpoints(blob)?;
+            let (span_size, checkpoints) = checkpoints(blob)?;
             (Compression::Gzip { checkpoints }, span_size)
         }
         ALGO_UNCOMPRESSED => {
@@ -160,7 +169,7 @@ pub fn decode_checkpoints(blob: &[u8]) -> Result<(u64, Vec<Checkpoint>)> {
             input: 10,
             output: 0,
             bits: 0,
-            window: vec![0u8; WINDOW_SIZE].into_boxed_slice(),
+            window: vec![0u8; WINDOW_SIZE].into(),
         });
     }
     for raw in blob[CHECKPOINTS_HEADER_LEN..].chunks_exact(CHECKPOINT_LEN) {
@@ -176,8 +185,8 @@ pub fn decode_checkpoints(blob: &[u8]) -> Result<(u64, Vec<Checkpoint>)> {
     Ok((span_size, checkpoints))
 }
 
-/// Serializes gzip checkpoints in the current layout.
-pub fn encode_checkpoints(span_size: u64, checkpoints: &[Checkpoint]) -> Vec<u8> {
+/// Serializes gzip checkpoints in the current layout; every window must be inline.
+pub fn encode_checkpoints(span_size: u64, checkpoints: &[Checkpoint]) -> Result<Vec<u8>> {
     let mut out = Vec::with_capacity(CHECKPOINTS_HEADER_LEN + checkpoints.len() * CHECKPOINT_LEN);
     out.extend_from_slice(&(checkpoints.len() as i32).to_le_bytes());
     out.extend_from_slice(&(span_size as i64).to_le_bytes());
@@ -185,9 +194,12 @@ pub fn encode_checkpoints(span_size: u64, checkpoints: &[Checkpoint]) -> Vec<u8>
         out.extend_from_slice(&(c.input as i64).to_le_bytes());
         out.extend_from_slice(&(c.output as i64).to_le_bytes());
         out.push(c.bits);
-        out.extend_from_slice(&c.window);
+        let window = c.window.inline().ok_or_else(|| {
+            ZtocError::Invalid("a zTOC whose windows are stored apart cannot be encoded".into())
+        })?;
+        out.extend_from_slice(window);
     }
-    out
+    Ok(out)
 }
 
 fn decode_tar_zinfo(blob: &[u8]) -> Result<(u64, u64)> {
@@ -218,7 +230,17 @@ const fn slot(id: u16) -> u16 {
 }
 
 /// Serializes a zTOC. Fields equal to their default are omitted, as upstream's writer does.
-pub fn encode(z: &Ztoc) -> Vec<u8> {
+/// Fails only for a zTOC whose windows are not inline (one loaded from its table form).
+pub fn encode(z: &Ztoc) -> Result<Vec<u8>> {
+    let blob = match &z.compression {
+        Compression::Gzip { checkpoints } => encode_checkpoints(z.span_size, checkpoints)?,
+        Compression::Uncompressed { size } => encode_tar_zinfo(z.span_size, *size),
+    };
+    Ok(encode_with(z, &blob))
+}
+
+/// Serializes a zTOC with `blob` as its checkpoints field.
+pub(crate) fn encode_with(z: &Ztoc, blob: &[u8]) -> Vec<u8> {
     let mut b = FlatBufferBuilder::with_capacity(1 << 16);
     let mut md = Vec::with_capacity(z.entries.len());
     for e in &z.entries {
@@ -231,13 +253,9 @@ pub fn encode(z: &Ztoc) -> Vec<u8> {
         b.end_table(start)
     };
 
-    let (algo, blob) = match &z.compression {
-        Compression::Gzip { checkpoints } => {
-            (ALGO_GZIP, encode_checkpoints(z.span_size, checkpoints))
-        }
-        Compression::Uncompressed { size } => {
-            (ALGO_UNCOMPRESSED, encode_tar_zinfo(z.span_size, *size))
-        }
+    let algo = match &z.compression {
+        Compression::Gzip { .. } => ALGO_GZIP,
+        Compression::Uncompressed { .. } => ALGO_UNCOMPRESSED,
     };
     let digests: Vec<_> = z
         .span_digests
@@ -245,7 +263,7 @@ pub fn encode(z: &Ztoc) -> Vec<u8> {
         .map(|d| b.create_string(&format!("sha256:{}", hex::encode(d))))
         .collect();
     let digests = b.create_vector(&digests);
-    let blob = b.create_vector(&blob);
+    let blob = b.create_vector(blob);
     let ci = {
         let start = b.start_table();
         b.push_slot_always(slot(3), blob);

@@ -4,6 +4,7 @@
 //! - [`format`]: the FlatBuffers encoding and the checkpoint blobs (formats.md §1);
 //! - [`builder`]: one streaming pass over a layer blob that produces a [`Ztoc`];
 //! - [`reader`]: random reads of the uncompressed layer, span by span, each span verified;
+//! - [`table`]: the split form of a zTOC (a compact table, windows fetched per span);
 //! - [`tar`]: the streaming tar scanner the builder uses.
 //!
 //! This module does no I/O policy: bytes come from a caller-supplied [`reader::BlobSource`].
@@ -13,6 +14,7 @@ mod fb;
 pub mod format;
 pub mod path;
 pub mod reader;
+pub mod table;
 pub mod tar;
 pub mod time;
 pub mod verify;
@@ -178,7 +180,46 @@ pub struct Checkpoint {
     /// Bits of the byte at `input - 1` that still belong to the next block (0..=7).
     pub bits: u8,
     /// The 32 KiB of uncompressed data preceding `output`, zero-filled at the start.
-    pub window: Box<[u8]>,
+    pub window: Window,
+}
+
+/// A checkpoint's inflate window: in the zTOC, or stored apart and fetched when its span is read
+/// (a zTOC loaded from its [`table`] form).
+#[derive(Clone, PartialEq, Eq)]
+pub enum Window {
+    Inline(Box<[u8]>),
+    Remote(WindowRef),
+}
+
+/// Where a window stored apart lives: a range of the windows blob, compressed (raw deflate),
+/// and the sha256 of those compressed bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WindowRef {
+    pub offset: u64,
+    pub len: u32,
+    pub digest: [u8; 32],
+}
+
+impl Window {
+    /// The window's bytes when the zTOC holds them.
+    pub fn inline(&self) -> Option<&[u8]> {
+        match self {
+            Window::Inline(w) => Some(w),
+            Window::Remote(_) => None,
+        }
+    }
+}
+
+impl From<&[u8]> for Window {
+    fn from(w: &[u8]) -> Self {
+        Window::Inline(w.into())
+    }
+}
+
+impl From<Vec<u8>> for Window {
+    fn from(w: Vec<u8>) -> Self {
+        Window::Inline(w.into_boxed_slice())
+    }
 }
 
 impl std::fmt::Debug for Checkpoint {
@@ -369,8 +410,14 @@ impl Ztoc {
                             c.input, self.compressed_size
                         ));
                     }
-                    if c.window.len() != WINDOW_SIZE {
-                        return inv(format!("checkpoint {i}: window is not 32 KiB"));
+                    match &c.window {
+                        Window::Inline(w) if w.len() != WINDOW_SIZE => {
+                            return inv(format!("checkpoint {i}: window is not 32 KiB"));
+                        }
+                        Window::Remote(r) if r.len as usize > table::MAX_WINDOW_BYTES => {
+                            return inv(format!("checkpoint {i}: window of {} bytes", r.len));
+                        }
+                        _ => {}
                     }
                     if i > 0 {
                         let p = &checkpoints[i - 1];
@@ -430,6 +477,16 @@ impl Ztoc {
             "hardlink cycle at {}",
             self.entries[i].display_name()
         )))
+    }
+
+    /// Whether every checkpoint window is in the zTOC (as after building or decoding a zTOC).
+    pub fn windows_inline(&self) -> bool {
+        match &self.compression {
+            Compression::Gzip { checkpoints } => {
+                checkpoints.iter().all(|c| c.window.inline().is_some())
+            }
+            Compression::Uncompressed { .. } => true,
+        }
     }
 
     /// sha256 of the serialized zTOC, as index manifests name it.

@@ -61,6 +61,14 @@ impl<T: BlobSource + ?Sized> BlobSource for Arc<T> {
 pub trait SpanSource: Send + Sync {
     /// The compressed bytes of span `id`, checked against `ztoc.span_digests[id]`.
     fn span_bytes(&self, ztoc: &Ztoc, id: usize) -> Result<bytes::Bytes>;
+
+    /// The inflate window of span `id`'s checkpoint, for a zTOC whose windows are stored apart
+    /// ([`super::table`]); verified against its reference.
+    fn window(&self, _ztoc: &Ztoc, id: usize) -> Result<bytes::Bytes> {
+        Err(ZtocError::Invalid(format!(
+            "the window of span {id} is stored apart and this source cannot fetch it"
+        )))
+    }
 }
 
 impl<T: BlobSource + ?Sized> SpanSource for T {
@@ -95,8 +103,20 @@ pub fn verify_span(ztoc: &Ztoc, id: usize, bytes: &[u8]) -> Result<()> {
 }
 
 /// Fills `out` with uncompressed bytes of span `id` starting `skip` bytes into the span.
-/// `bytes` are the span's verified compressed bytes.
+/// `bytes` are the span's verified compressed bytes; the window is the zTOC's own.
 pub fn inflate_span(ztoc: &Ztoc, id: usize, bytes: &[u8], skip: u64, out: &mut [u8]) -> Result<()> {
+    inflate_span_with(ztoc, id, bytes, None, skip, out)
+}
+
+/// [`inflate_span`] with the checkpoint's window given (when the zTOC stores it apart).
+pub fn inflate_span_with(
+    ztoc: &Ztoc,
+    id: usize,
+    bytes: &[u8],
+    window: Option<&[u8]>,
+    skip: u64,
+    out: &mut [u8],
+) -> Result<()> {
     let span = ztoc.span(id);
     if skip + out.len() as u64 > span.uncompressed.end - span.uncompressed.start {
         return Err(ZtocError::OutOfRange(format!(
@@ -125,7 +145,10 @@ pub fn inflate_span(ztoc: &Ztoc, id: usize, bytes: &[u8], skip: u64, out: &mut [
         inf.prime(cp.bits, first).map_err(corrupt)?;
         pos = 1;
     }
-    inf.set_dictionary(&cp.window).map_err(corrupt)?;
+    let window = window
+        .or(cp.window.inline())
+        .ok_or_else(|| ZtocError::Invalid(format!("span {id}: no window given")))?;
+    inf.set_dictionary(window).map_err(corrupt)?;
     let mut scratch = vec![0u8; skip.min(64 * 1024) as usize];
     let mut skip = skip;
     let mut filled = 0usize;
@@ -224,6 +247,23 @@ impl<S: SpanSource> LayerReader<S> {
         &self.source
     }
 
+    /// Span `id`'s window when the zTOC stores it apart (None: the zTOC's own, or no window).
+    fn remote_window(&self, id: usize) -> Result<Option<bytes::Bytes>> {
+        match &self.ztoc.compression {
+            Compression::Gzip { checkpoints } if checkpoints[id].window.inline().is_none() => {
+                Ok(Some(self.source.window(&self.ztoc, id)?))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Fetches span `id` (and its window, when stored apart) and inflates from `skip` into `out`.
+    fn inflate(&self, id: usize, skip: u64, out: &mut [u8]) -> Result<()> {
+        let bytes = self.fetch_span(id)?;
+        let window = self.remote_window(id)?;
+        inflate_span_with(&self.ztoc, id, &bytes, window.as_deref(), skip, out)
+    }
+
     fn cached_span(&self, id: usize) -> Result<Option<Arc<[u8]>>> {
         let Some(cache) = &self.cache else {
             return Ok(None);
@@ -240,9 +280,8 @@ impl<S: SpanSource> LayerReader<S> {
                 return Ok(Some(hit.1));
             }
         }
-        let bytes = self.fetch_span(id)?;
         let mut data = vec![0u8; (span.uncompressed.end - span.uncompressed.start) as usize];
-        inflate_span(&self.ztoc, id, &bytes, 0, &mut data)?;
+        self.inflate(id, 0, &mut data)?;
         let data: Arc<[u8]> = data.into();
         let mut c = cache.lock().unwrap_or_else(|p| p.into_inner());
         c.spans.push_front((id, data.clone()));
@@ -272,10 +311,7 @@ impl<S: SpanSource> LayerReader<S> {
             let out = &mut buf[done..done + n];
             match self.cached_span(id)? {
                 Some(data) => out.copy_from_slice(&data[skip as usize..skip as usize + n]),
-                None => {
-                    let bytes = self.fetch_span(id)?;
-                    inflate_span(&self.ztoc, id, &bytes, skip, out)?;
-                }
+                None => self.inflate(id, skip, out)?,
             }
             done += n;
         }
