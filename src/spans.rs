@@ -189,6 +189,94 @@ impl SpanStore {
         result
     }
 
+    /// The inflate window of span `id` for a zTOC whose windows are stored apart, read from the
+    /// windows blob `windows`: from the cache, or fetched once, verified and inflated.
+    pub async fn window(
+        &self,
+        windows: &BlobLocator,
+        ztoc: &Ztoc,
+        id: usize,
+        purpose: Purpose,
+    ) -> Result<Bytes, Arc<FetchError>> {
+        let key = SpanKey::new(&windows.digest, id);
+        if let Some(b) = self.cache.get(&key) {
+            return Ok(b);
+        }
+        let flight: Flight = self
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let result = flight
+            .get_or_init(|| async {
+                self.fetch_window(windows, ztoc, id, &key, purpose)
+                    .await
+                    .map_err(Arc::new)
+            })
+            .await
+            .clone();
+        let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        if inflight.get(&key).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
+            inflight.remove(&key);
+        }
+        result
+    }
+
+    async fn fetch_window(
+        &self,
+        windows: &BlobLocator,
+        ztoc: &Ztoc,
+        id: usize,
+        key: &SpanKey,
+        purpose: Purpose,
+    ) -> Result<Bytes, FetchError> {
+        let r = match &ztoc.compression {
+            crate::ztoc::Compression::Gzip { checkpoints } => match &checkpoints[id].window {
+                crate::ztoc::Window::Remote(r) => r.clone(),
+                crate::ztoc::Window::Inline(w) => return Ok(Bytes::copy_from_slice(w)),
+            },
+            crate::ztoc::Compression::Uncompressed { .. } => {
+                return Err(FetchError::Invalid(
+                    "a plain tar layer has no windows".into(),
+                ))
+            }
+        };
+        let traced = self.traced("window", format!("{}#{id}", windows.digest), purpose);
+        let range = r.offset..r.offset + u64::from(r.len);
+        let mut last = String::new();
+        for _ in 0..2 {
+            let data = match self.fetchers.read_range(windows, range.clone()).await {
+                Ok(d) => d,
+                Err(e) => {
+                    self.stats.fetch_errors.fetch_add(1, Ordering::Relaxed);
+                    traced.done(0, "error");
+                    return Err(e);
+                }
+            };
+            self.stats
+                .bytes_fetched
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+            match crate::ztoc::table::open_window(&r, &data) {
+                Ok(w) => {
+                    let w = Bytes::from(w.into_vec());
+                    self.cache.put(key, w.clone());
+                    traced.done(data.len() as u64, "");
+                    return Ok(w);
+                }
+                Err(e) => {
+                    tracing::warn!(%windows, span = id, "fetched window failed verification: {e}");
+                    last = e.to_string();
+                }
+            }
+        }
+        traced.done(0, "integrity");
+        Err(FetchError::Integrity(format!(
+            "{windows} window {id}: {last}"
+        )))
+    }
+
     async fn fetch_verified(
         &self,
         blob: &BlobLocator,
@@ -240,6 +328,8 @@ impl SpanStore {
 pub struct RemoteLayer {
     store: Arc<SpanStore>,
     blob: BlobLocator,
+    /// The windows blob, for a zTOC whose windows are stored apart.
+    windows: Option<BlobLocator>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -249,12 +339,47 @@ impl RemoteLayer {
         RemoteLayer {
             store,
             blob,
+            windows: None,
             runtime,
         }
     }
 
+    /// Reads windows stored apart from this blob.
+    pub fn with_windows(mut self, windows: Option<BlobLocator>) -> Self {
+        self.windows = windows;
+        self
+    }
+
     pub fn blob(&self) -> &BlobLocator {
         &self.blob
+    }
+
+    pub fn windows(&self) -> Option<&BlobLocator> {
+        self.windows.as_ref()
+    }
+
+    /// Runs `fut` for a reader: counted as waiting, so background work gives way.
+    fn wait_for<T>(&self, fut: impl std::future::Future<Output = T>) -> T {
+        let stats = &self.store.stats;
+        stats.waiting.fetch_add(1, Ordering::SeqCst);
+        stats.last_demand_ms.store(now_ms(), Ordering::Relaxed);
+        stats.demand.notify_waiters();
+        let result = self.runtime.block_on(fut);
+        stats.waiting.fetch_sub(1, Ordering::SeqCst);
+        stats.last_demand_ms.store(now_ms(), Ordering::Relaxed);
+        result
+    }
+
+    /// Whether span `id` needs a window from the windows blob.
+    fn needs_window(&self, ztoc: &Ztoc, id: usize) -> Option<&BlobLocator> {
+        match &ztoc.compression {
+            crate::ztoc::Compression::Gzip { checkpoints }
+                if checkpoints[id].window.inline().is_none() =>
+            {
+                self.windows.as_ref()
+            }
+            _ => None,
+        }
     }
 }
 
@@ -263,17 +388,40 @@ impl SpanSource for RemoteLayer {
         if let Some(b) = self.store.cached(&self.blob, id) {
             return Ok(b);
         }
-        let stats = &self.store.stats;
-        stats.waiting.fetch_add(1, Ordering::SeqCst);
-        stats.last_demand_ms.store(now_ms(), Ordering::Relaxed);
-        stats.demand.notify_waiters();
-        let result = self.runtime.block_on(self.store.span(&self.blob, ztoc, id));
-        stats.waiting.fetch_sub(1, Ordering::SeqCst);
-        stats.last_demand_ms.store(now_ms(), Ordering::Relaxed);
-        result.map_err(|e| ZtocError::Source {
+        let source = |e| ZtocError::Source {
             span: id,
             source: Box::new(ArcError(e)),
-        })
+        };
+        // A span read also needs its window: fetch both at once (the window lands in the cache).
+        match self.needs_window(ztoc, id) {
+            Some(w) => {
+                let (span, window) = self.wait_for(async {
+                    futures::join!(
+                        self.store.span(&self.blob, ztoc, id),
+                        self.store.window(w, ztoc, id, Purpose::Demand)
+                    )
+                });
+                window.map_err(source)?;
+                span.map_err(source)
+            }
+            None => self
+                .wait_for(self.store.span(&self.blob, ztoc, id))
+                .map_err(source),
+        }
+    }
+
+    fn window(&self, ztoc: &Ztoc, id: usize) -> Result<Bytes, ZtocError> {
+        let w = self.windows.as_ref().ok_or_else(|| {
+            ZtocError::Invalid(format!("span {id}: its window is stored apart, but where?"))
+        })?;
+        if let Some(b) = self.store.cache.get(&SpanKey::new(&w.digest, id)) {
+            return Ok(b);
+        }
+        self.wait_for(self.store.window(w, ztoc, id, Purpose::Demand))
+            .map_err(|e| ZtocError::Source {
+                span: id,
+                source: Box::new(ArcError(e)),
+            })
     }
 }
 

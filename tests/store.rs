@@ -260,8 +260,8 @@ impl Env {
         cfg
     }
 
-    /// Digests of the blobs the SOCI index of `image` lists (zTOCs and other artifacts).
-    fn index_blobs(&self, image: &str) -> Vec<String> {
+    /// (media type, digest) of the blobs the SOCI index of `image` lists.
+    fn index_blobs(&self, image: &str) -> Vec<(String, String)> {
         let found = common::soci_store_ok(&self.cfg, &["index", "discover", image]);
         let index = found.split_whitespace().next().unwrap().to_string();
         let text = common::soci_store_ok(&self.cfg, &["index", "info", &index]);
@@ -270,10 +270,17 @@ impl Env {
             .as_array()
             .unwrap()
             .iter()
-            .map(|l| l["digest"].as_str().unwrap().to_string())
+            .map(|l| {
+                let s = |k: &str| l[k].as_str().unwrap().to_string();
+                (s("mediaType"), s("digest"))
+            })
             .collect()
     }
 }
+
+const MT_ZTOC: &str = "application/octet-stream";
+const MT_TABLE: &str = "application/vnd.soci-store.ztoc-table.v1+gzip";
+const MT_WINDOWS: &str = "application/vnd.soci-store.ztoc-windows.v1";
 
 /// Lines of a registry access log that GET `digest` (any status, any range).
 fn blob_gets(log: &str, digest: &str) -> usize {
@@ -703,11 +710,20 @@ async fn podman_5_pulls_and_runs_lazily_through_the_store() {
         2.0,
         "{text}"
     );
-    for d in env.index_blobs(&image) {
-        assert!(
-            blob_gets(&log, &d) <= 1,
-            "{d} fetched more than once:\n{log}"
-        );
+    // The store read each zTOC's table once, never a whole zTOC, and windows by range.
+    let blobs = env.index_blobs(&image);
+    let count = |mt: &str| blobs.iter().filter(|(m, _)| m == mt).count();
+    assert_eq!(
+        (count(MT_ZTOC), count(MT_TABLE), count(MT_WINDOWS)),
+        (2, 2, 2)
+    );
+    for (mt, d) in &blobs {
+        let gets = blob_gets(&log, d);
+        match mt.as_str() {
+            MT_ZTOC => assert_eq!(gets, 0, "zTOC {d} fetched:\n{log}"),
+            MT_TABLE => assert_eq!(gets, 1, "table {d}:\n{log}"),
+            _ => {}
+        }
     }
     // The trace saw the lookups, and what the start read.
     let summary = common::soci_store_ok(&cfg, &["trace", "summary", trace.to_str().unwrap()]);
@@ -1021,5 +1037,73 @@ async fn an_unusable_journal_falls_back_to_a_fresh_mount() {
         second.holders().len(),
         1,
         "the new mount has its own holder"
+    );
+}
+
+/// An index as upstream SOCI tools write it (zTOCs only, no tables): the store fetches each zTOC
+/// once, and podman 4 still starts the image lazily with the same files.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_image_indexed_the_upstream_way_starts_lazily() {
+    let env = setup_converted("", &["--no-ztoc-table"]).await;
+    let image = format!("{}/test/app:v1-soci", env.reg.addr());
+    let blobs = env.index_blobs(&image);
+    assert!(blobs.iter().all(|(mt, _)| mt == MT_ZTOC), "{blobs:?}");
+    let cfg = env.fresh_daemon_config();
+    let mnt = env.dir.path().join("store");
+    let _daemon = Daemon::start(&cfg, &mnt, &env.dir.path().join("daemon.log"));
+    let plain = Podman::new().listing(&format!("{}/test/app:v1", env.reg.addr()));
+    let log_before = env.reg.log_text().len();
+    let mut lazy = Podman::new();
+    lazy.storage_opts.push(format!(
+        "overlay.additionallayerstore={}:ref",
+        mnt.display()
+    ));
+    assert_eq!(lazy.listing(&image), plain);
+    let log = env.reg.log_text()[log_before..].to_string();
+    for (_, d) in &blobs {
+        assert_eq!(blob_gets(&log, d), 1, "zTOC {d}:\n{log}");
+    }
+    for d in &env.layer_digests[..2] {
+        let full = log
+            .lines()
+            .filter(|l| l.contains(&format!("/blobs/{d} ")) && l.contains("\" 200 "))
+            .count();
+        assert_eq!(full, 0, "indexed layer {d} was downloaded whole:\n{log}");
+    }
+}
+
+/// A window altered in the registry is refused: the read fails with EIO, never with wrong bytes,
+/// while files whose windows are intact read correctly.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tampered_window_is_never_served() {
+    use base64::Engine;
+    let env = setup().await;
+    let image = format!("{}/test/app:v1-soci", env.reg.addr());
+    let blobs = env.index_blobs(&image);
+    let cfg = env.fresh_daemon_config();
+    let mnt = env.dir.path().join("store");
+    let _daemon = Daemon::start_with(
+        &cfg,
+        &mnt,
+        &env.dir.path().join("daemon.log"),
+        &["--no-background-fetch"],
+    );
+    // Alter every window blob of the image (the base layer's among them) in the middle.
+    for (_, d) in blobs.iter().filter(|(mt, _)| mt == MT_WINDOWS) {
+        let path = env.reg.blob_path(d);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x5a;
+        std::fs::write(&path, bytes).unwrap();
+    }
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&image);
+    let base = mnt.join(&b64).join(&env.layer_digests[0]).join("diff");
+    // The 12 MiB file spans every span of the layer: some window of it is the altered one.
+    let err = std::fs::read(base.join("data/big-random.bin")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc_eio()), "{err}");
+    // The first span's window is before the middle of the windows blob: intact, and served.
+    assert_eq!(
+        std::fs::read(base.join("etc/hello.txt")).unwrap(),
+        b"hello from the base layer\n"
     );
 }

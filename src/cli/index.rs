@@ -35,6 +35,10 @@ pub struct BuildArgs {
     /// spans go into a SOCI prefetch artifact, which the store fetches before the rest.
     #[arg(long = "prefetch-file", value_name = "PATH")]
     prefetch_files: Vec<String>,
+    /// Write only what upstream SOCI writes: no zTOC tables beside the zTOCs (the store then
+    /// fetches each layer's whole zTOC at lookup, as upstream's snapshotter does).
+    #[arg(long)]
+    no_ztoc_table: bool,
     /// No progress or summary; errors only.
     #[arg(long, conflicts_with = "json")]
     quiet: bool,
@@ -64,6 +68,7 @@ impl BuildArgs {
             podman_annotations,
             concurrency: self.jobs.max(1),
             prefetch_files: self.prefetch_files.clone(),
+            ztoc_tables: !self.no_ztoc_table,
         })
     }
 }

@@ -46,6 +46,10 @@ pub struct ConvertOptions {
     /// Files (paths in the image) whose spans a prefetch artifact per layer lists, first listed
     /// first: the store fetches those before the rest of the layer.
     pub prefetch_files: Vec<String>,
+    /// Also push each zTOC's split form (`ztoc::table`: a compact table and its windows), which
+    /// the store prefers: a lazy start then fetches the table at lookup and a window per span
+    /// read, not the whole zTOC. Upstream tools ignore both blobs.
+    pub ztoc_tables: bool,
 }
 
 impl Default for ConvertOptions {
@@ -57,6 +61,7 @@ impl Default for ConvertOptions {
             podman_annotations: true,
             concurrency: 3,
             prefetch_files: Vec::new(),
+            ztoc_tables: true,
         }
     }
 }
@@ -240,6 +245,31 @@ fn ztoc_descriptor(layer: &Descriptor, z: &Ztoc, bytes: &[u8]) -> Descriptor {
     d
 }
 
+/// The split form of a layer's zTOC as index blobs: its table, and its windows (gzip layers).
+fn table_artifacts(
+    layer: &Descriptor,
+    zdesc: &Descriptor,
+    z: &Ztoc,
+) -> Result<Vec<(Descriptor, Vec<u8>)>, IndexError> {
+    let split = ztoc::table::split(z)?;
+    let mut out = Vec::new();
+    for (mt, bytes) in [
+        (MT_ZTOC_TABLE, split.table),
+        (MT_ZTOC_WINDOWS, split.windows),
+    ] {
+        if bytes.is_empty() {
+            continue;
+        }
+        let mut d = Descriptor::new(mt, sha256_digest(&bytes), bytes.len() as u64);
+        d.annotations
+            .insert(ANN_TABLE_LAYER_DIGEST.into(), layer.digest.clone());
+        d.annotations
+            .insert(ANN_TABLE_ZTOC_DIGEST.into(), zdesc.digest.clone());
+        out.push((d, bytes));
+    }
+    Ok(out)
+}
+
 /// The SOCI prefetch artifact (formats.md §2.1) for the `files` of one layer: the spans holding
 /// their data, priority by position in `files` (0 first). None when the layer holds none of them.
 pub fn prefetch_artifact(z: &Ztoc, files: &[String]) -> Option<Vec<u8>> {
@@ -339,7 +369,11 @@ async fn index_layers(
             }
             let mut artifacts = Vec::new();
             if let Some((z, bytes)) = &built {
-                artifacts.push((ztoc_descriptor(layer, z, bytes), bytes.clone()));
+                let zdesc = ztoc_descriptor(layer, z, bytes);
+                if opts.ztoc_tables {
+                    artifacts.extend(table_artifacts(layer, &zdesc, z)?);
+                }
+                artifacts.insert(0, (zdesc, bytes.clone()));
                 if let Some(p) = prefetch_artifact(z, &opts.prefetch_files) {
                     let mut d =
                         Descriptor::new(MT_SOCI_PREFETCH, sha256_digest(&p), p.len() as u64);

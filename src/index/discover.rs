@@ -7,8 +7,9 @@ use bytes::Bytes;
 use super::store::{ArtifactStore, IndexRecord};
 use super::{
     is_index_type, parse_index, parse_manifest, Descriptor, IndexError, Manifest, Platform,
-    ANN_INDEX_DIGEST, ANN_LAYER_DIGEST, MANIFEST_TYPES, MT_OCI_MANIFEST, MT_SOCI_INDEX_V1,
-    MT_SOCI_INDEX_V2,
+    ANN_INDEX_DIGEST, ANN_LAYER_DIGEST, ANN_TABLE_LAYER_DIGEST, ANN_TABLE_ZTOC_DIGEST,
+    MANIFEST_TYPES, MT_OCI_MANIFEST, MT_SOCI_INDEX_V1, MT_SOCI_INDEX_V2, MT_ZTOC_TABLE,
+    MT_ZTOC_WINDOWS,
 };
 use crate::fetch::registry::RegistryClient;
 use crate::fetch::{BlobLocator, FetchError};
@@ -44,6 +45,23 @@ impl Discovered {
     /// The SOCI prefetch artifact for an image layer, if the index has one.
     pub fn prefetch_for(&self, layer_digest: &str) -> Option<&Descriptor> {
         self.for_layer(layer_digest, super::MT_SOCI_PREFETCH)
+    }
+
+    /// The table and windows blobs (`ztoc::table`) made from the layer's zTOC, when the index
+    /// has them (indexes made by `convert`; upstream tools write none).
+    pub fn table_for(&self, layer_digest: &str) -> Option<(&Descriptor, Option<&Descriptor>)> {
+        let ztoc = self.ztoc_for(layer_digest)?;
+        let find = |mt: &str| {
+            self.index.layers.iter().find(|d| {
+                d.media_type == mt
+                    && d.annotations
+                        .get(ANN_TABLE_LAYER_DIGEST)
+                        .map(String::as_str)
+                        == Some(layer_digest)
+                    && d.annotations.get(ANN_TABLE_ZTOC_DIGEST) == Some(&ztoc.digest)
+            })
+        };
+        Some((find(MT_ZTOC_TABLE)?, find(MT_ZTOC_WINDOWS)))
     }
 
     fn for_layer(&self, layer_digest: &str, media_type: &str) -> Option<&Descriptor> {
@@ -115,7 +133,8 @@ pub fn validate_index(
         let layer = z
             .annotations
             .get(ANN_LAYER_DIGEST)
-            .ok_or_else(|| bad(format!("zTOC {} names no image layer", z.digest)))?;
+            .or_else(|| z.annotations.get(ANN_TABLE_LAYER_DIGEST))
+            .ok_or_else(|| bad(format!("blob {} names no image layer", z.digest)))?;
         if !image.layers.iter().any(|l| &l.digest == layer) {
             return Err(bad(format!(
                 "it indexes layer {layer}, which this image does not have"
@@ -236,15 +255,37 @@ pub async fn fetch_ztoc(
     r: &Reference,
     desc: &Descriptor,
 ) -> Result<Ztoc, IndexError> {
+    fetch_decoded(client, store, r, desc, format::decode).await
+}
+
+/// A zTOC table (`ztoc::table`) named by an index, like [`fetch_ztoc`]: a zTOC whose windows
+/// are fetched per span from the windows blob.
+pub async fn fetch_table(
+    client: &RegistryClient,
+    store: Option<&ArtifactStore>,
+    r: &Reference,
+    desc: &Descriptor,
+) -> Result<Ztoc, IndexError> {
+    fetch_decoded(client, store, r, desc, crate::ztoc::table::decode_table).await
+}
+
+/// An index artifact from the store, or fetched, verified, decoded and then kept.
+async fn fetch_decoded(
+    client: &RegistryClient,
+    store: Option<&ArtifactStore>,
+    r: &Reference,
+    desc: &Descriptor,
+    decode: impl Fn(&[u8]) -> Result<Ztoc, crate::ztoc::ZtocError>,
+) -> Result<Ztoc, IndexError> {
     if let Some(s) = store {
         if let Some(b) = s.get(&desc.digest)? {
-            return Ok(format::decode(&b)?);
+            return Ok(decode(&b)?);
         }
     }
     if desc.size > MAX_ZTOC_BYTES {
         return Err(IndexError::Other(format!(
-            "zTOC {} claims {} bytes",
-            desc.digest, desc.size
+            "{} {} claims {} bytes",
+            desc.media_type, desc.digest, desc.size
         )));
     }
     let data = client
@@ -252,12 +293,12 @@ pub async fn fetch_ztoc(
         .await?;
     if super::sha256_digest(&data) != desc.digest {
         return Err(FetchError::Integrity(format!(
-            "zTOC {} does not match its digest",
-            desc.digest
+            "{} {} does not match its digest",
+            desc.media_type, desc.digest
         ))
         .into());
     }
-    let z = format::decode(&data)?;
+    let z = decode(&data)?;
     if let Some(s) = store {
         s.put(&data)?;
     }

@@ -26,6 +26,10 @@ pub const MT_SOCI_INDEX_V1: &str = "application/vnd.amazon.soci.index.v1+json";
 pub const MT_SOCI_INDEX_V2: &str = "application/vnd.amazon.soci.index.v2+json";
 pub const MT_ZTOC: &str = "application/octet-stream";
 pub const MT_SOCI_PREFETCH: &str = "application/vnd.amazon.soci.prefetch.v1+json";
+/// A zTOC's compact table (ours, beside the zTOC; see `ztoc::table`).
+pub const MT_ZTOC_TABLE: &str = "application/vnd.soci-store.ztoc-table.v1+gzip";
+/// A zTOC's checkpoint windows, compressed, fetched per span (ours; see `ztoc::table`).
+pub const MT_ZTOC_WINDOWS: &str = "application/vnd.soci-store.ztoc-windows.v1";
 
 pub const ANN_INDEX_DIGEST: &str = "com.amazon.soci.index-digest";
 pub const ANN_IMAGE_MANIFEST_DIGEST: &str = "com.amazon.soci.image-manifest-digest";
@@ -34,6 +38,11 @@ pub const ANN_LAYER_MEDIA_TYPE: &str = "com.amazon.soci.image-layer-mediaType";
 pub const ANN_SPAN_SIZE: &str = "com.amazon.soci.span-size";
 pub const ANN_DISABLE_XATTRS: &str = "com.amazon.soci.disable-xattrs";
 pub const ANN_BUILD_TOOL: &str = "com.amazon.soci.build-tool-identifier";
+/// The image layer a table or windows blob belongs to. Our own key, so that upstream tools, which
+/// look zTOCs up by `ANN_LAYER_DIGEST`, never mistake these blobs for zTOCs.
+pub const ANN_TABLE_LAYER_DIGEST: &str = "io.github.soci-store.image-layer-digest";
+/// The zTOC a table or windows blob was made from.
+pub const ANN_TABLE_ZTOC_DIGEST: &str = "io.github.soci-store.ztoc-digest";
 /// The layer annotation podman ≥ 5.1 needs to consult an additional layer store.
 pub const ANN_STARGZ_TOC: &str = "containerd.io/snapshot/stargz/toc.digest";
 

@@ -231,6 +231,8 @@ impl StoreFs {
             blob_size: layer.blob_size,
             ztoc: layer.ztoc_digest.clone(),
             ztoc_size: layer.ztoc_size,
+            table: layer.table.clone(),
+            windows: layer.reader.source().windows().map(|w| w.digest.clone()),
             info: String::from_utf8_lossy(&layer.info).into_owned(),
         })));
         self.install(&mut st, base, layer)

@@ -41,6 +41,12 @@ pub struct LayerRecord {
     pub blob_size: u64,
     pub ztoc: String,
     pub ztoc_size: u64,
+    /// The zTOC table the layer was served from (digest, size), when it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table: Option<(String, u64)>,
+    /// The windows blob of that table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub windows: Option<String>,
     /// The `info` file, verbatim.
     pub info: String,
 }

@@ -12,8 +12,8 @@ use tokio::sync::OnceCell;
 use super::tree::LayerTree;
 use crate::fetch::registry::RegistryClient;
 use crate::fetch::BlobLocator;
-use crate::index::discover::{self, fetch_ztoc, Discovered};
-use crate::index::{ArtifactStore, IndexError, Platform};
+use crate::index::discover::{self, fetch_table, fetch_ztoc, Discovered};
+use crate::index::{ArtifactStore, Descriptor, IndexError, Platform, MT_ZTOC, MT_ZTOC_TABLE};
 use crate::reference::Reference;
 use crate::spans::{RemoteLayer, SpanStore};
 use crate::ztoc::{Compression, LayerReader, Ztoc};
@@ -67,6 +67,8 @@ pub struct Layer {
     pub ztoc_digest: String,
     /// The encoded zTOC's size (with its digest, enough to fetch it again).
     pub ztoc_size: u64,
+    /// The zTOC table served from instead of the zTOC (digest, size), when the index has one.
+    pub table: Option<(String, u64)>,
     pub ztoc: Arc<Ztoc>,
     pub tree: LayerTree,
     /// The `info` file.
@@ -216,19 +218,24 @@ impl StoreContext {
         self.aliases.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The zTOC `desc` names: from the artifact store or the network, once per digest.
+    /// The zTOC (or zTOC table, `is_table`) `desc` names: from the artifact store or the
+    /// network, once per digest.
     async fn ztoc(
         &self,
         r: &Reference,
-        desc: &crate::index::Descriptor,
+        desc: &Descriptor,
+        is_table: bool,
     ) -> Result<Arc<Ztoc>, String> {
         cell(&self.ztocs, &desc.digest)
             .get_or_init(|| async {
                 let started = std::time::Instant::now();
-                let z = fetch_ztoc(&self.client, self.artifacts.as_ref(), r, desc)
-                    .await
-                    .map(Arc::new)
-                    .map_err(|e: IndexError| e.to_string());
+                let store = self.artifacts.as_ref();
+                let z = if is_table {
+                    fetch_table(&self.client, store, r, desc).await
+                } else {
+                    fetch_ztoc(&self.client, store, r, desc).await
+                };
+                let z = z.map(Arc::new).map_err(|e: IndexError| e.to_string());
                 let event = crate::trace::Event {
                     ev: "artifact".into(),
                     what: desc.digest.clone(),
@@ -266,9 +273,14 @@ impl StoreContext {
         rec: &super::journal::LayerRecord,
     ) -> Result<Arc<Layer>, String> {
         let reference = Reference::parse(&rec.reference).map_err(|e| e.to_string())?;
-        let zdesc =
-            crate::index::Descriptor::new(crate::index::MT_ZTOC, rec.ztoc.clone(), rec.ztoc_size);
-        let ztoc = self.ztoc(&reference, &zdesc).await?;
+        let (zdesc, is_table) = match &rec.table {
+            Some((d, size)) => (Descriptor::new(MT_ZTOC_TABLE, d.clone(), *size), true),
+            None => (
+                Descriptor::new(MT_ZTOC, rec.ztoc.clone(), rec.ztoc_size),
+                false,
+            ),
+        };
+        let ztoc = self.ztoc(&reference, &zdesc, is_table).await?;
         if ztoc.compressed_size != rec.blob_size {
             return Err(format!("zTOC {} does not fit blob {}", rec.ztoc, rec.blob));
         }
@@ -282,9 +294,14 @@ impl StoreContext {
             ));
         }
         let blob = BlobLocator::new(reference.clone(), &rec.blob);
+        let windows = rec
+            .windows
+            .as_ref()
+            .map(|w| BlobLocator::new(reference.clone(), w));
         let layer = Layer {
             reference,
-            reader: self.reader_for(&ztoc, &blob),
+            reader: self.reader_for(&ztoc, &blob, windows),
+            table: rec.table.clone(),
             blob,
             ztoc_digest: rec.ztoc.clone(),
             ztoc_size: rec.ztoc_size,
@@ -297,10 +314,16 @@ impl StoreContext {
         Ok(self.start(layer, Vec::new()))
     }
 
-    fn reader_for(&self, ztoc: &Arc<Ztoc>, blob: &BlobLocator) -> LayerReader<RemoteLayer> {
+    fn reader_for(
+        &self,
+        ztoc: &Arc<Ztoc>,
+        blob: &BlobLocator,
+        windows: Option<BlobLocator>,
+    ) -> LayerReader<RemoteLayer> {
         LayerReader::new(
             ztoc.clone(),
-            RemoteLayer::new(self.spans.clone(), blob.clone(), self.runtime.clone()),
+            RemoteLayer::new(self.spans.clone(), blob.clone(), self.runtime.clone())
+                .with_windows(windows),
         )
         .with_span_cache(2)
     }
@@ -366,7 +389,15 @@ impl StoreContext {
             let (ctx, r, d) = (self.clone(), reference.to_string(), other.digest.clone());
             self.runtime.spawn(ctx.layer_boxed(r, d));
         }
-        let ztoc = self.ztoc(&image.reference, zdesc).await?;
+        // The table when the index has one (a fraction of the zTOC; windows come per span).
+        let (ztoc, table, windows) = match found.table_for(&layer_desc.digest) {
+            Some((t, Some(w))) => {
+                let z = self.ztoc(&image.reference, t, true).await?;
+                let w = BlobLocator::new(image.reference.clone(), &w.digest);
+                (z, Some((t.digest.clone(), t.size)), Some(w))
+            }
+            _ => (self.ztoc(&image.reference, zdesc, false).await?, None, None),
+        };
         if ztoc.compressed_size != layer_desc.size {
             return Err(format!(
                 "zTOC {} is for a {}-byte blob, the layer has {}",
@@ -390,7 +421,8 @@ impl StoreContext {
         });
         let layer = Layer {
             reference: image.reference.clone(),
-            reader: self.reader_for(&ztoc, &blob),
+            reader: self.reader_for(&ztoc, &blob, windows),
+            table,
             blob,
             ztoc_digest: zdesc.digest.clone(),
             ztoc_size: zdesc.size,
@@ -524,6 +556,10 @@ impl StoreContext {
                 crate::spans::Purpose::Background,
             )
             .await?;
+        if let Some(w) = layer.reader.source().windows() {
+            let bg = crate::spans::Purpose::Background;
+            self.spans.window(w, &layer.ztoc, id, bg).await?;
+        }
         if let (Some(rate), false) = (self.background_rate, was_cached) {
             let secs = bytes.len() as f64 / rate.max(1) as f64;
             tokio::time::sleep(Duration::from_secs_f64(secs)).await;
