@@ -535,13 +535,20 @@ fn sh(cmd: &mut Command) {
 
 impl Chroot {
     fn enter() -> Chroot {
-        let root = PathBuf::from(
-            std::env::var("SOCI_PODMAN5_ROOT")
-                .unwrap_or_else(|_| "/var/cache/soci-store-ci/trixie".into()),
-        );
+        Self::enter_at(
+            "SOCI_PODMAN5_ROOT",
+            "/var/cache/soci-store-ci/trixie",
+            ".ci/podman5-chroot.sh",
+        )
+    }
+
+    /// The chroot named by the environment variable `var` (`default` without it), which `.ci/run`
+    /// makes with `script`.
+    fn enter_at(var: &str, default: &str, script: &str) -> Chroot {
+        let root = PathBuf::from(std::env::var(var).unwrap_or_else(|_| default.into()));
         assert!(
             root.join("usr/bin/podman").exists(),
-            "no podman 5 chroot at {} (.ci/run makes it with .ci/podman5-chroot.sh)",
+            "no podman chroot at {} (.ci/run makes it with {script})",
             root.display()
         );
         let mut c = Chroot {
@@ -788,6 +795,103 @@ async fn background_fetch_gives_way_to_waiting_readers() {
             );
         }
     }
+}
+
+/// The forky chroot with podman 5.8 (containers/storage 1.62), the store mounted in it and the test
+/// image pulled through it; returns the image reference.
+fn podman_58_pulled(env: &Env) -> (Chroot, Daemon, String) {
+    let chroot = Chroot::enter_at(
+        "SOCI_PODMAN58_ROOT",
+        "/var/cache/soci-store-ci/forky",
+        ".ci/podman58-chroot.sh",
+    );
+    let mnt = chroot.root.join("var/lib/soci-store/store");
+    let daemon = Daemon::start(&env.cfg, &mnt, &env.dir.path().join("daemon.log"));
+    let image = format!("{}/test/app:v1-soci", env.reg.addr());
+    chroot.podman(&["pull", "-q", "--tls-verify=false", &image]);
+    (chroot, daemon, image)
+}
+
+/// `podman run` of the test image's file listing in the chroot.
+fn podman_58_run(chroot: &Chroot, image: &str) -> std::process::Output {
+    chroot.podman(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--tls-verify=false",
+        image,
+        "/bin/busybox",
+        "sh",
+        "-c",
+        LIST_FILES,
+    ])
+}
+
+/// podman 5.8 pulls and runs lazily, and every later podman command still runs the image lazily.
+/// (With containers/storage >= 1.58 a later command finds no record of the layers taken from the
+/// store and pulls again, through the store: see [`podman_58_keeps_the_lazily_pulled_image`].)
+#[tokio::test(flavor = "multi_thread")]
+async fn podman_58_pulls_and_runs_lazily_through_the_store() {
+    let env = setup().await;
+    let plain = Podman::new().listing(&format!("{}/test/app:v1", env.reg.addr()));
+    let log_before = env.reg.log_text().len();
+    let (chroot, daemon, image) = podman_58_pulled(&env);
+    for _ in 0..2 {
+        let out = podman_58_run(&chroot, &image);
+        assert_eq!(String::from_utf8_lossy(&out.stdout), plain);
+    }
+    let log = env.reg.log_text()[log_before..].to_string();
+    for d in &env.layer_digests[..2] {
+        let full = log
+            .lines()
+            .filter(|l| l.contains(&format!("/blobs/{d} ")) && l.contains("\" 200 "))
+            .count();
+        assert_eq!(full, 0, "indexed layer {d} was downloaded whole:\n{log}");
+    }
+    let dlog = daemon.log_text();
+    assert!(dlog.contains(" use"), "podman 5.8 used the store: {dlog}");
+}
+
+/// What a pull is for: the image stays, and running it needs no registry. podman 5.5 to 5.8
+/// (containers/storage 1.58 to 1.62, at least) fail this with any additional layer store:
+/// `layerStore.PutAdditionalLayer` leaves the new layer's store location unset, so the layer is
+/// never written to `layers.json`; the next podman command finds the image's layers unknown
+/// ("exists in local storage but may be corrupted") and pulls again.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "containers/storage >= 1.58 (podman >= 5.5) never saves layers taken from an additional layer store"]
+async fn podman_58_keeps_the_lazily_pulled_image() {
+    let env = setup().await;
+    let plain = Podman::new().listing(&format!("{}/test/app:v1", env.reg.addr()));
+    let (chroot, _daemon, image) = podman_58_pulled(&env);
+    let images = chroot.podman(&["images", "--format", "{{.Repository}}:{{.Tag}}"]);
+    assert!(
+        String::from_utf8_lossy(&images.stdout)
+            .lines()
+            .any(|l| l == image),
+        "podman images lists {image}: {}",
+        String::from_utf8_lossy(&images.stdout)
+    );
+    let layers = chroot.podman(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{json .RootFS.Layers}}",
+        &image,
+    ]);
+    let layers: Vec<String> = serde_json::from_slice(&layers.stdout).unwrap();
+    assert_eq!(layers, env.diff_ids);
+
+    let log_before = env.reg.log_text().len();
+    let out = podman_58_run(&chroot, &image);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), plain);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("Trying to pull"),
+        "run pulled again: {stderr}"
+    );
+    let log = env.reg.log_text()[log_before..].to_string();
+    assert!(!log.contains("GET /v2/"), "run asked the registry:\n{log}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
