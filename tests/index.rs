@@ -152,8 +152,33 @@ async fn convert_makes_a_valid_soci_enabled_image() {
     assert_eq!(soci.config().digest().to_string(), EMPTY_JSON_DIGEST);
     assert_eq!(soci.config().size(), 2);
     assert!(soci.subject().is_none());
-    assert_eq!(soci.layers().len(), 2);
-    let parsed = parse_manifest(&soci_bytes).unwrap();
+    // Per indexed layer: its zTOC, then the zTOC's table and windows (ztoc::table).
+    assert_eq!(soci.layers().len(), 6);
+    let mut parsed = parse_manifest(&soci_bytes).unwrap();
+    let (ztocs, split): (Vec<_>, Vec<_>) = parsed
+        .layers
+        .iter()
+        .cloned()
+        .partition(|d| d.media_type == MT_ZTOC);
+    for z in &ztocs {
+        let of_ztoc = |mt: &str| {
+            split
+                .iter()
+                .filter(|d| {
+                    d.media_type == mt
+                        && d.annotations.get("io.github.soci-store.ztoc-digest") == Some(&z.digest)
+                        && d.annotations.get("io.github.soci-store.image-layer-digest")
+                            == z.annotations.get(ANN_LAYER_DIGEST)
+                        // Never mistaken for a zTOC by tools that look up by this key.
+                        && !d.annotations.contains_key(ANN_LAYER_DIGEST)
+                })
+                .count()
+        };
+        assert_eq!(of_ztoc("application/vnd.soci-store.ztoc-table.v1+gzip"), 1);
+        assert_eq!(of_ztoc("application/vnd.soci-store.ztoc-windows.v1"), 1);
+    }
+    parsed.layers = ztocs;
+    assert_eq!(parsed.layers.len(), 2);
     for (z, l) in parsed.layers.iter().zip(image.layers()) {
         assert_eq!(z.media_type, MT_ZTOC);
         assert_eq!(z.annotations[ANN_LAYER_DIGEST], l.digest().to_string());
