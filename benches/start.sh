@@ -22,14 +22,17 @@
 #
 #   usage: [REPS=5] [PODMANS="4 5"] [NETS="shaped unshaped"] [SPAN_SIZE=4MiB] [CONVERT_ARGS=…]
 #          [VARIANTS="default=;span4=--span-size 4MiB"] [NOBG=1] [SERVE_ARGS=…] [RATE=100mbit]
-#          [BIN=target/release/soci-store] [RUN_TIMEOUT=600] [OUT=FILE] benches/start.sh
+#          [BIN=target/release/soci-store] [RUN_TIMEOUT=600] [RETRIES=1] [OUT=FILE] benches/start.sh
 #   VARIANTS  ';'-separated NAME=CONVERT-ARGS; each is converted to its own tag and gets its own
 #             lazy runs in every round (default: one variant, "default", or "span-SIZE" with
 #             SPAN_SIZE). SPAN_SIZE and CONVERT_ARGS are added to every variant's convert args.
 #   NOBG=1    adds lazy runs with `serve --no-background-fetch` (main config: every default).
 #   PODMANS   "4" (host), "5" (chroot at $PODMAN5_ROOT, default /var/cache/soci-store-ci/trixie,
 #             made by .ci/podman5-chroot.sh), or both.
-#   OUT       every run as a TSV row (default target/bench-start/runs-DATE.tsv).
+#   OUT       every run as a TSV row (default target/bench-start/runs-DATE.tsv; the registry's
+#             access log is kept beside it as runs-DATE.access.log).
+#   RETRIES   a failed run (no ready line; podman 4.3.1 sometimes loses a --rm container's exit
+#             code) is counted as failed and run again up to RETRIES times (default 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -347,14 +350,25 @@ registries_conf = "/nonexistent"
 type = "tiered"
 path = "$tmp/srv/cache"
 C
-declare -A ztoc_bytes
+declare -A ztoc_bytes ztoc_layers
 for v in "${vnames[@]}"; do
   rm -rf "$tmp/convert-artifacts"
   # shellcheck disable=SC2086
-  in_ns "$bin" --config "$tmp/convert.toml" convert --quiet ${vargs[$v]} "$reg/app:v1" "$reg/app:soci-$v"
+  in_ns "$bin" --config "$tmp/convert.toml" convert --json ${vargs[$v]} "$reg/app:v1" "$reg/app:soci-$v" > "$tmp/convert.json"
   # zTOCs are the artifact store's big blobs (indexes and manifests are a few hundred bytes).
   ztoc_bytes[$v]=$(find "$tmp/convert-artifacts" -type f -size +8k -printf '%s\n' | awk '{s+=$1} END {print s+0}')
-  log "variant $v (convert args:${vargs[$v]:- none}): zTOCs $(echo "${ztoc_bytes[$v]} / 1000000" | bc -l | xargs printf '%.1f') MB"
+  ztoc_layers[$v]=$(python3 - "$tmp/convert.json" "$tmp/convert-artifacts" <<'PY' || true
+import json, os, sys
+j, art = json.load(open(sys.argv[1])), sys.argv[2]
+out = []
+for l in j["platforms"][0]["layers"]:
+    z = l.get("ztoc")
+    p = f"{art}/blobs/sha256/{z[7:]}" if z else None
+    out.append(f"{os.path.getsize(p)/1e6:.1f} MB/{l.get('spans')} spans" if p and os.path.exists(p) else "-")
+print(" + ".join(out))
+PY
+)
+  log "variant $v (convert args:${vargs[$v]:- none}): zTOCs $(echo "${ztoc_bytes[$v]} / 1000000" | bc -l | xargs printf '%.1f') MB (per layer: ${ztoc_layers[$v]})"
 done
 
 cat > "$tmp/containers.conf" <<C
@@ -420,23 +434,24 @@ start_daemon() {  # start_daemon 4|5 [serve args…]
   for _ in $(seq 100); do in_ns curl -sf http://127.0.0.1:9300/metrics >/dev/null && break; sleep 0.05; done
 }
 # Registry bytes in access-log lines [FROM, TO): podman's, the store's, the store's artifact
-# (non-layer) bytes, the store's layer requests.
+# (non-layer) bytes, the store's layer requests, the store's bytes per layer (L1/L2/…).
 layer_digests=$(awk '{print $1}' <<<"$layer_info" | paste -sd' ')
 log_bytes() {
   tail -c +"$(($1 + 1))" "$tmp/access.log" | head -c "$(($2 - $1))" | awk -F'"' -v layers="$layer_digests" '
-    BEGIN { n = split(layers, a, " "); for (i = 1; i <= n; i++) L["/blobs/" a[i]] = 1 }
+    BEGIN { n = split(layers, a, " "); for (i = 1; i <= n; i++) L["/blobs/" a[i]] = i }
     { split($3, s, " "); b = s[2] + 0; split($2, r, " "); path = r[2]
       if ($6 ~ /^soci-store/) {
         st += b; layer = 0
-        for (k in L) if (index(path, k) > 0) layer = 1
-        if (layer) { sl++ } else { sa += b }
+        for (k in L) if (index(path, k) > 0) layer = L[k]
+        if (layer) { sl++; lb[layer] += b } else { sa += b }
       } else pb += b }
-    END { printf "%d %d %d %d\n", pb, st, sa, sl }'
+    END { per = ""; for (i = 1; i <= n; i++) per = per (i > 1 ? "/" : "") (lb[i] + 0)
+          printf "%d %d %d %d %s\n", pb, st, sa, sl, per }'
 }
 
 # ---------------------------------------------------------------------------------------------
 # One run: run_one VER NET KIND VARIANT REP; appends a TSV row.
-printf 'podman\tnet\tkind\tvariant\trep\tok\tready_s\texit_s\tpodman_bytes\tstore_bytes\tstore_artifact_bytes\tstore_layer_requests\tlayers_served\tmetric_bytes_fetched\trss_hwm_kib_ready\trss_hwm_kib_end\n' > "$out_tsv"
+printf 'podman\tnet\tkind\tvariant\trep\tok\tready_s\texit_s\tpodman_bytes\tstore_bytes\tstore_artifact_bytes\tstore_layer_requests\tstore_bytes_per_layer\tlayers_served\tmetric_bytes_fetched\trss_hwm_kib_ready\trss_hwm_kib_end\n' > "$out_tsv"
 run_one() {
   local ver="$1" net="$2" kind="$3" variant="$4" rep="$5"
   local image="$reg/app:v1" sopt=() m
@@ -473,11 +488,11 @@ run_one() {
       done || ok=0
   t1=$(now)
   [ -f "$tmp/at_ready.t" ] || ok=0
-  local ready_s=nan exit_s pb=0 sb=0 sa=0 sl=0 served="" fetched="" rss="" rss_end=""
+  local ready_s=nan exit_s pb=0 sb=0 sa=0 sl=0 per="" served="" fetched="" rss="" rss_end=""
   exit_s=$(echo "$t1 - $t0" | bc)
   if [ "$ok" = 1 ]; then
     ready_s=$(echo "$(cat "$tmp/at_ready.t") - $t0" | bc)
-    read -r pb sb sa sl < <(log_bytes "$log0" "$(cat "$tmp/at_ready.log")")
+    read -r pb sb sa sl per < <(log_bytes "$log0" "$(cat "$tmp/at_ready.log")")
   else
     log "FAILED: podman $ver $net $kind $variant rep $rep (after ${exit_s}s):"
     tail -5 "$tmp/podman.err" >&2 || true
@@ -495,9 +510,10 @@ run_one() {
   stop_daemon
   m=$(store_host "$ver"); mounts_under "$m" | grep -q . && umount_under "$m"
   grep -q " $m fuse" /proc/self/mounts && umount -l "$m"
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$ver" "$net" "$kind" "$variant" "$rep" "$ok" \
-    "$ready_s" "$exit_s" "$pb" "$sb" "$sa" "$sl" "${served:-}" "${fetched:-}" "${rss:-}" "${rss_end:-}" >> "$out_tsv"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$ver" "$net" "$kind" "$variant" "$rep" "$ok" \
+    "$ready_s" "$exit_s" "$pb" "$sb" "$sa" "$sl" "$per" "${served:-}" "${fetched:-}" "${rss:-}" "${rss_end:-}" >> "$out_tsv"
   log "podman $ver $net $kind${variant:+ $variant} rep $rep: ready $ready_s s (exit $exit_s s), podman $pb B, store $sb B"
+  [ "$ok" = 1 ]
 }
 export NSF="$nsf" TMPD="$tmp"
 
@@ -523,20 +539,24 @@ for rep in $(seq "$reps"); do
       for ((i = 0; i < n; i++)); do
         k=${kinds[$(((i + rep + ver) % n))]}
         kind=${k%%:*}; variant=""; [[ "$k" == *:* ]] && variant=${k#*:}
-        run_one "$ver" "$net" "$kind" "$variant" "$rep"
+        # A failed run is reported (and counted in the table) and tried once more (RETRIES).
+        for ((try = 0; try <= ${RETRIES:-1}; try++)); do
+          run_one "$ver" "$net" "$kind" "$variant" "$rep" && break
+        done
       done
     done
   done
 done
 set_net unshaped
 t_total=$(echo "$(now) - $t_start" | bc)
+cp "$tmp/access.log" "${out_tsv%.tsv}.access.log"
 
 # ---------------------------------------------------------------------------------------------
 # Report.
-zt=""; for v in "${vnames[@]}"; do zt="$zt $v=${ztoc_bytes[$v]}"; done
-python3 - "$out_tsv" "$image_bytes" "$layer_sizes" "$pv4" "$pv5" "$rate" "$reps" "$t_total" "$zt" "${vnames[*]}" <<'PY'
+zt=""; zl=""; for v in "${vnames[@]}"; do zt="$zt $v=${ztoc_bytes[$v]}"; zl="$zl$v: ${ztoc_layers[$v]:-?}; "; done
+python3 - "$out_tsv" "$image_bytes" "$layer_sizes" "$pv4" "$pv5" "$rate" "$reps" "$t_total" "$zt" "${vnames[*]}" "$zl" <<'PY'
 import csv, math, statistics, sys
-path, image_bytes, layer_sizes, pv4, pv5, rate, reps, t_total, zt, vnames = sys.argv[1:]
+path, image_bytes, layer_sizes, pv4, pv5, rate, reps, t_total, zt, vnames, zl = sys.argv[1:]
 image_bytes = int(image_bytes)
 ztoc = dict(kv.split("=") for kv in zt.split())
 rows = list(csv.DictReader(open(path), delimiter="\t"))
@@ -566,6 +586,7 @@ for ver in ("4", "5"):
 lazykinds = sorted({(r["kind"], r["variant"]) for r in rows if r["kind"] != "plain"}, key=lambda k: (vnames.split().index(k[1]) if k[1] in vnames.split() else 99, k[0]))
 print()
 print(f"image: {layer_sizes} gzip = {image_bytes/1e6:.1f} MB; zTOCs: " + ", ".join(f"{v} {int(b)/1e6:.1f} MB" for v, b in ztoc.items()))
+print(f"zTOCs per layer: {zl.strip().rstrip(';')}")
 print(f"{reps} rounds, {len(rows)} runs in {float(t_total)/60:.1f} min; medians (min–max)")
 print()
 print("| measure | value | baseline (same run) | ratio | target |")
@@ -594,6 +615,11 @@ for ver, net in combos:
         rs = f"{rss[0]/1024:.0f} MiB ({rss[1]/1024:.0f}–{rss[2]/1024:.0f})" if rss else "n/a"
         share = f" = {sb[0]/image_bytes:.3f} of the image" if sb else ""
         print(f"| {pv[ver]}, {netname[net]}, {kind} {variant} | {mb(sb)}{share} | {mb(sa)} | {mb(pb)} | {num(sl)} | {num(ls)} | {rs} |")
+print()
+print("Store bytes by ready per layer (median of all lazy runs of the kind): " + "; ".join(
+    f"{k} {v}: " + " / ".join(f"{statistics.median(x)/1e6:.1f}" for x in zip(*[[int(b) for b in r["store_bytes_per_layer"].split("/")]
+        for r in rows if r["kind"] == k and r["variant"] == v and r["ok"] == "1" and r["store_bytes_per_layer"]])) + " MB"
+    for k, v in lazykinds))
 print()
 print("Plain runs: registry bytes (podman): " + "; ".join(
     f"{pv[v]} {netname[n]}: {mb(med(sel(v, n, 'plain', ''), 'podman_bytes'))}" for v, n in combos))

@@ -57,26 +57,42 @@ struct LocalOptions {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct MemoryOptions {
-    #[serde(deserialize_with = "de_size")]
+    #[serde(deserialize_with = "de_size", default = "default_memory_bytes")]
     max_bytes: u64,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DiskOptions {
+    #[serde(default = "default_cache_path")]
     path: PathBuf,
-    #[serde(deserialize_with = "de_size")]
+    #[serde(deserialize_with = "de_size", default = "default_disk_bytes")]
     max_bytes: u64,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TieredOptions {
-    #[serde(deserialize_with = "de_size")]
+    #[serde(deserialize_with = "de_size", default = "default_memory_bytes")]
     memory_bytes: u64,
+    #[serde(default = "default_cache_path")]
     path: PathBuf,
-    #[serde(deserialize_with = "de_size")]
+    #[serde(deserialize_with = "de_size", default = "default_disk_bytes")]
     disk_bytes: u64,
+}
+
+// Cache defaults live with the backends, not in the config's defaults: merged there, they would
+// be given to whatever cache type the user picks (a `memory` cache with `disk_bytes`).
+fn default_memory_bytes() -> u64 {
+    512 << 20
+}
+
+fn default_disk_bytes() -> u64 {
+    20 << 30
+}
+
+fn default_cache_path() -> PathBuf {
+    PathBuf::from("/var/cache/soci-store")
 }
 
 impl BackendRegistry {

@@ -70,11 +70,10 @@ fn default_fetchers() -> Vec<BackendConfig> {
     vec![BackendConfig::new("registry")]
 }
 
+/// `tiered`: 512 MiB in memory over 20 GiB in /var/cache/soci-store (the backend's defaults for
+/// options not given).
 fn default_cache() -> BackendConfig {
     BackendConfig::new("tiered")
-        .with("memory_bytes", "512MiB")
-        .with("path", "/var/cache/soci-store")
-        .with("disk_bytes", "20GiB")
 }
 
 impl Default for Config {

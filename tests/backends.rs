@@ -524,3 +524,56 @@ fn disk_cache_survives_kill_9_mid_write() {
         "temp files cleaned up"
     );
 }
+
+/// Every cache type works with only its own keys, and the documented
+/// `SOCI_STORE_CACHE__TYPE=memory` builds a memory cache (the tiered defaults are not merged into
+/// another type's options).
+#[test]
+fn each_cache_type_builds_from_its_own_keys_and_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    let registry = BackendRegistry::with_builtins();
+    let cases = [
+        (
+            "[cache]\ntype = \"memory\"\nmax_bytes = \"64MiB\"\n",
+            "memory",
+        ),
+        (
+            &*format!(
+                "[cache]\ntype = \"disk\"\npath = \"{}/d\"\n",
+                dir.path().display()
+            ),
+            "disk",
+        ),
+        (
+            &*format!(
+                "[cache]\ntype = \"tiered\"\npath = \"{}/t\"\n",
+                dir.path().display()
+            ),
+            "tiered",
+        ),
+    ];
+    for (text, name) in cases {
+        std::fs::write(&cfg, text).unwrap();
+        let c = Config::load(Some(&cfg)).unwrap();
+        let store = registry.build_span_store(&c).unwrap();
+        assert_eq!(store.cache().name(), name, "{text}");
+    }
+    // The environment, as docs/configuration.md shows it, through the real command.
+    std::fs::write(&cfg, "").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_soci-store"))
+        .args(["--config", cfg.to_str().unwrap(), "config", "show"])
+        .env("SOCI_STORE_CACHE__TYPE", "memory")
+        .env("SOCI_STORE_CACHE__MAX_BYTES", "1GiB")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let c: Config = toml::from_str(&String::from_utf8_lossy(&out.stdout)).unwrap();
+    assert_eq!(c.cache.kind, "memory");
+    let store = registry.build_span_store(&c).unwrap();
+    assert_eq!(store.cache().name(), "memory");
+}

@@ -22,6 +22,10 @@ use crate::ztoc::{Compression, LayerReader, Ztoc};
 /// than the gap between podman's pull and its container's first reads.
 const BACKGROUND_QUIET_MS: u64 = 1500;
 
+/// Inflated spans kept in memory for all layers: a start reads clustered parts of many files
+/// (page faults of mapped libraries), and re-inflating a span per read costs more than its fetch.
+const INFLATED_SPANS_BYTES: usize = 48 << 20;
+
 /// Resolutions computed once per key, failures included (as messages).
 type Memo<K, T> = Mutex<HashMap<K, Arc<OnceCell<Result<T, String>>>>>;
 
@@ -51,6 +55,7 @@ pub struct StoreContext {
     resolving: std::sync::atomic::AtomicUsize,
     /// When a resolution last finished (ms since the Unix epoch).
     last_resolution_ms: std::sync::atomic::AtomicU64,
+    inflated: Arc<crate::ztoc::reader::InflatedSpans>,
 }
 
 /// An image's manifest for this platform, its diff IDs and its SOCI index (if any).
@@ -113,6 +118,9 @@ impl StoreContext {
             ztocs: Mutex::default(),
             resolving: Default::default(),
             last_resolution_ms: Default::default(),
+            inflated: Arc::new(crate::ztoc::reader::InflatedSpans::new(
+                INFLATED_SPANS_BYTES,
+            )),
         }
     }
 
@@ -325,7 +333,7 @@ impl StoreContext {
             RemoteLayer::new(self.spans.clone(), blob.clone(), self.runtime.clone())
                 .with_windows(windows),
         )
-        .with_span_cache(2)
+        .with_shared_span_cache(self.inflated.clone())
     }
 
     /// Serves `layer`: counts it and starts its background fetch (`first` spans first).

@@ -189,17 +189,54 @@ pub fn inflate_span_with(
     Ok(())
 }
 
-/// Small LRU of fully inflated spans.
-struct SpanCache {
-    capacity: usize,
-    spans: VecDeque<(usize, Arc<[u8]>)>,
+/// An LRU of fully inflated spans, bounded by bytes; one can serve many layers (each reader
+/// keys its spans with its own layer key).
+pub struct InflatedSpans {
+    budget: usize,
+    state: Mutex<(usize, VecDeque<((u64, usize), Arc<[u8]>)>)>,
 }
+
+impl InflatedSpans {
+    /// Holds up to `budget` bytes of inflated spans.
+    pub fn new(budget: usize) -> Self {
+        InflatedSpans {
+            budget,
+            state: Mutex::default(),
+        }
+    }
+
+    fn get(&self, key: (u64, usize)) -> Option<Arc<[u8]>> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let i = st.1.iter().position(|(k, _)| *k == key)?;
+        let hit = st.1.remove(i).expect("index in range");
+        let data = hit.1.clone();
+        st.1.push_front(hit);
+        Some(data)
+    }
+
+    fn put(&self, key: (u64, usize), data: Arc<[u8]>) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.1.iter().any(|(k, _)| *k == key) {
+            return;
+        }
+        st.0 += data.len();
+        st.1.push_front((key, data));
+        while st.0 > self.budget && st.1.len() > 1 {
+            if let Some((_, old)) = st.1.pop_back() {
+                st.0 -= old.len();
+            }
+        }
+    }
+}
+
+/// Distinct keys for readers sharing one [`InflatedSpans`].
+static NEXT_READER_KEY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Reads any uncompressed range of a layer through its zTOC.
 pub struct LayerReader<S> {
     ztoc: Arc<Ztoc>,
     source: S,
-    cache: Option<Mutex<SpanCache>>,
+    cache: Option<(Arc<InflatedSpans>, u64)>,
     verify_headers: bool,
     header_checked: Vec<AtomicBool>,
 }
@@ -218,13 +255,18 @@ impl<S: SpanSource> LayerReader<S> {
     }
 
     /// Keeps up to `spans` fully inflated spans in memory (for sequential or clustered reads).
-    pub fn with_span_cache(mut self, spans: usize) -> Self {
-        self.cache = (spans > 0).then(|| {
-            Mutex::new(SpanCache {
-                capacity: spans,
-                spans: VecDeque::new(),
-            })
-        });
+    pub fn with_span_cache(self, spans: usize) -> Self {
+        let budget = spans.saturating_mul(self.ztoc.span_size.min(MAX_SPAN_BYTES) as usize);
+        if spans == 0 {
+            return self;
+        }
+        self.with_shared_span_cache(Arc::new(InflatedSpans::new(budget)))
+    }
+
+    /// Keeps fully inflated spans in `cache`, which other readers may share.
+    pub fn with_shared_span_cache(mut self, cache: Arc<InflatedSpans>) -> Self {
+        let key = NEXT_READER_KEY.fetch_add(1, Ordering::Relaxed);
+        self.cache = Some((cache, key));
         self
     }
 
@@ -265,28 +307,20 @@ impl<S: SpanSource> LayerReader<S> {
     }
 
     fn cached_span(&self, id: usize) -> Result<Option<Arc<[u8]>>> {
-        let Some(cache) = &self.cache else {
+        let Some((cache, reader)) = &self.cache else {
             return Ok(None);
         };
         let span = self.ztoc.span(id);
         if span.uncompressed.end - span.uncompressed.start > MAX_SPAN_BYTES {
             return Ok(None);
         }
-        {
-            let mut c = cache.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(i) = c.spans.iter().position(|(s, _)| *s == id) {
-                let hit = c.spans.remove(i).expect("index in range");
-                c.spans.push_front(hit.clone());
-                return Ok(Some(hit.1));
-            }
+        if let Some(hit) = cache.get((*reader, id)) {
+            return Ok(Some(hit));
         }
         let mut data = vec![0u8; (span.uncompressed.end - span.uncompressed.start) as usize];
         self.inflate(id, 0, &mut data)?;
         let data: Arc<[u8]> = data.into();
-        let mut c = cache.lock().unwrap_or_else(|p| p.into_inner());
-        c.spans.push_front((id, data.clone()));
-        let cap = c.capacity;
-        c.spans.truncate(cap);
+        cache.put((*reader, id), data.clone());
         Ok(Some(data))
     }
 
