@@ -189,11 +189,14 @@ pub fn inflate_span_with(
     Ok(())
 }
 
+/// (reader key, span id) and the span's inflated bytes.
+type InflatedEntry = ((u64, usize), Arc<[u8]>);
+
 /// An LRU of fully inflated spans, bounded by bytes; one can serve many layers (each reader
 /// keys its spans with its own layer key).
 pub struct InflatedSpans {
     budget: usize,
-    state: Mutex<(usize, VecDeque<((u64, usize), Arc<[u8]>)>)>,
+    state: Mutex<(usize, VecDeque<InflatedEntry>)>,
 }
 
 impl InflatedSpans {
