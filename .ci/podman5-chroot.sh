@@ -6,7 +6,7 @@ R="$1"
 if [ -x "$R/usr/bin/podman" ] && [ -x "$R/usr/sbin/runc" ]; then exit 0; fi
 command -v debootstrap >/dev/null || apt-get install -y -qq debootstrap >/dev/null
 [ -x "$R/usr/bin/podman" ] || rm -rf "$R"
-[ -x "$R/usr/bin/apt-get" ] || debootstrap --variant=minbase trixie "$R" http://deb.debian.org/debian >/dev/null
+[ -x "$R/usr/bin/apt-get" ] || debootstrap --variant=minbase trixie "$R" "$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources)" >/dev/null
 cp /etc/resolv.conf "$R/etc/"
 mounts=()
 cleanup() { for ((i=${#mounts[@]}-1; i>=0; i--)); do umount -R "${mounts[$i]}" 2>/dev/null || umount -l "${mounts[$i]}" || true; done; }

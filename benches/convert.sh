@@ -10,7 +10,7 @@ mkdir -p "$work"
 root="$work/root"
 if [ ! -x "$root/usr/bin/python3" ]; then
   command -v debootstrap >/dev/null || apt-get install -y debootstrap
-  debootstrap --variant=minbase --include=python3,perl bookworm "$root" http://deb.debian.org/debian
+  debootstrap --variant=minbase --include=python3,perl bookworm "$root" "$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources)"
 fi
 cargo build --release --quiet
 bin="$PWD/target/release/soci-store"

@@ -11,7 +11,7 @@ if [ ! -s "$layer" ]; then
   if [ ! -x "$work/root/usr/bin/python3" ]; then
     command -v debootstrap >/dev/null || apt-get install -y debootstrap
     debootstrap --variant=minbase --include=python3,perl bookworm "$work/root" \
-      http://deb.debian.org/debian
+      "$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources)"
   fi
   tar --sort=name --numeric-owner --xattrs -C "$work/root" -cf - . | gzip -6 -n > "$layer.tmp"
   mv "$layer.tmp" "$layer"
