@@ -2,7 +2,6 @@
 # The whole test suite (what CI runs after installing packages; see README).
 set -euo pipefail
 cd "$(dirname "$0")"
-export SOCI_FIXTURES="${SOCI_FIXTURES:-$PWD/../shared/fixtures/upstream-ztoc}"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0

@@ -28,7 +28,7 @@
 #             SPAN_SIZE). SPAN_SIZE and CONVERT_ARGS are added to every variant's convert args.
 #   NOBG=1    adds lazy runs with `serve --no-background-fetch` (main config: every default).
 #   PODMANS   "4" (host), "5" (chroot at $PODMAN5_ROOT, default /var/cache/soci-store-ci/trixie,
-#             made by .ci/podman5-chroot.sh), or both.
+#             made by .ci/podman-chroot.sh trixie), or both.
 #   OUT       every run as a TSV row (default target/bench-start/runs-DATE.tsv; the registry's
 #             access log is kept beside it as runs-DATE.access.log).
 #   RETRIES   a failed run (no ready line; podman 4.3.1 sometimes loses a --rm container's exit
@@ -49,7 +49,7 @@ out_tsv="${OUT:-$cache/runs-$(date +%Y%m%d-%H%M%S).tsv}"
 for c in debootstrap skopeo docker-registry podman nsenter tc python3 curl; do
   command -v "$c" >/dev/null || { echo "missing $c (see ../shared/docs/test-machine.md)" >&2; exit 1; }
 done
-case " $podmans " in *" 5 "*) [ -x "$r5src/usr/bin/podman" ] || { echo "no podman 5 chroot at $r5src (.ci/podman5-chroot.sh)" >&2; exit 1; } ;; esac
+case " $podmans " in *" 5 "*) [ -x "$r5src/usr/bin/podman" ] || { echo "no podman 5 chroot at $r5src (.ci/podman-chroot.sh trixie)" >&2; exit 1; } ;; esac
 
 # Variants: NAME=ARGS;…
 if [ -n "${VARIANTS:-}" ]; then variants_spec="$VARIANTS"

@@ -167,6 +167,16 @@ impl SpanStore {
             return Ok(b);
         }
         self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
+        self.single_flight(&key, self.fetch_verified(blob, ztoc, id, &key, purpose))
+            .await
+    }
+
+    /// Runs `fetch` for `key` unless a fetch of it is already under way, which is joined instead.
+    async fn single_flight(
+        &self,
+        key: &SpanKey,
+        fetch: impl std::future::Future<Output = Result<Bytes, FetchError>>,
+    ) -> Result<Bytes, Arc<FetchError>> {
         let flight: Flight = self
             .inflight
             .lock()
@@ -175,16 +185,12 @@ impl SpanStore {
             .or_default()
             .clone();
         let result = flight
-            .get_or_init(|| async {
-                self.fetch_verified(blob, ztoc, id, &key, purpose)
-                    .await
-                    .map_err(Arc::new)
-            })
+            .get_or_init(|| async { fetch.await.map_err(Arc::new) })
             .await
             .clone();
         let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-        if inflight.get(&key).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
-            inflight.remove(&key);
+        if inflight.get(key).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
+            inflight.remove(key);
         }
         result
     }
@@ -202,26 +208,8 @@ impl SpanStore {
         if let Some(b) = self.cache.get(&key) {
             return Ok(b);
         }
-        let flight: Flight = self
-            .inflight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(key.clone())
-            .or_default()
-            .clone();
-        let result = flight
-            .get_or_init(|| async {
-                self.fetch_window(windows, ztoc, id, &key, purpose)
-                    .await
-                    .map_err(Arc::new)
-            })
+        self.single_flight(&key, self.fetch_window(windows, ztoc, id, &key, purpose))
             .await
-            .clone();
-        let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-        if inflight.get(&key).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
-            inflight.remove(&key);
-        }
-        result
     }
 
     async fn fetch_window(

@@ -282,6 +282,17 @@ const MT_ZTOC: &str = "application/octet-stream";
 const MT_TABLE: &str = "application/vnd.soci-store.ztoc-table.v1+gzip";
 const MT_WINDOWS: &str = "application/vnd.soci-store.ztoc-windows.v1";
 
+/// The image's two indexed layers appear in `log` only as ranged reads (206), never whole (200).
+fn assert_indexed_layers_not_downloaded_whole(env: &Env, log: &str) {
+    for d in &env.layer_digests[..2] {
+        let full = log
+            .lines()
+            .filter(|l| l.contains(&format!("/blobs/{d} ")) && l.contains("\" 200 "))
+            .count();
+        assert_eq!(full, 0, "indexed layer {d} was downloaded whole:\n{log}");
+    }
+}
+
 /// Lines of a registry access log that GET `digest` (any status, any range).
 fn blob_gets(log: &str, digest: &str) -> usize {
     log.lines()
@@ -313,13 +324,7 @@ async fn podman_4_pulls_and_runs_lazily_through_the_store() {
 
     // No full GET of an indexed layer: only ranged reads (206) by the store.
     let log = env.reg.log_text()[log_before..].to_string();
-    for d in &env.layer_digests[..2] {
-        let full = log
-            .lines()
-            .filter(|l| l.contains(&format!("/blobs/{d} ")) && l.contains("\" 200 "))
-            .count();
-        assert_eq!(full, 0, "indexed layer {d} was downloaded whole:\n{log}");
-    }
+    assert_indexed_layers_not_downloaded_whole(&env, &log);
     // The small unindexed layer was downloaded by podman itself.
     let small = &env.layer_digests[2];
     assert!(
@@ -517,7 +522,7 @@ fn libc_eio() -> i32 {
     5
 }
 
-/// The Debian 13 chroot with podman 5 that `.ci/podman5-chroot.sh` makes, bind-mounted the way
+/// The Debian 13 chroot with podman 5 that `.ci/podman-chroot.sh trixie` makes, bind-mounted the way
 /// podman needs it; everything is unmounted on drop.
 struct Chroot {
     root: PathBuf,
@@ -538,7 +543,7 @@ impl Chroot {
         Self::enter_at(
             "SOCI_PODMAN5_ROOT",
             "/var/cache/soci-store-ci/trixie",
-            ".ci/podman5-chroot.sh",
+            ".ci/podman-chroot.sh trixie",
         )
     }
 
@@ -699,13 +704,7 @@ async fn podman_5_pulls_and_runs_lazily_through_the_store() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), plain);
 
     let log = env.reg.log_text()[log_before..].to_string();
-    for d in &env.layer_digests[..2] {
-        let full = log
-            .lines()
-            .filter(|l| l.contains(&format!("/blobs/{d} ")) && l.contains("\" 200 "))
-            .count();
-        assert_eq!(full, 0, "indexed layer {d} was downloaded whole:\n{log}");
-    }
+    assert_indexed_layers_not_downloaded_whole(&env, &log);
     // podman 5 asked for the layers by their zTOC digests.
     let dlog = daemon.log_text();
     assert!(dlog.contains(" use"), "podman 5 used the store: {dlog}");
@@ -737,6 +736,16 @@ async fn podman_5_pulls_and_runs_lazily_through_the_store() {
     for what in ["lookup", "read", "span/demand"] {
         assert!(summary.contains(what), "{summary}");
     }
+    let json = common::soci_store_ok(
+        &cfg,
+        &["trace", "summary", "--json", trace.to_str().unwrap()],
+    );
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert!(v["first_read_ms"].as_f64().is_some(), "{json}");
+    assert!(
+        v["events"]["window/demand"]["count"].as_u64() > Some(0),
+        "{json}"
+    );
     drop(daemon);
 }
 
@@ -803,7 +812,7 @@ fn podman_58_pulled(env: &Env) -> (Chroot, Daemon, String) {
     let chroot = Chroot::enter_at(
         "SOCI_PODMAN58_ROOT",
         "/var/cache/soci-store-ci/forky",
-        ".ci/podman58-chroot.sh",
+        ".ci/podman-chroot.sh forky",
     );
     let mnt = chroot.root.join("var/lib/soci-store/store");
     let daemon = Daemon::start(&env.cfg, &mnt, &env.dir.path().join("daemon.log"));
@@ -842,13 +851,7 @@ async fn podman_58_pulls_and_runs_lazily_through_the_store() {
         assert_eq!(String::from_utf8_lossy(&out.stdout), plain);
     }
     let log = env.reg.log_text()[log_before..].to_string();
-    for d in &env.layer_digests[..2] {
-        let full = log
-            .lines()
-            .filter(|l| l.contains(&format!("/blobs/{d} ")) && l.contains("\" 200 "))
-            .count();
-        assert_eq!(full, 0, "indexed layer {d} was downloaded whole:\n{log}");
-    }
+    assert_indexed_layers_not_downloaded_whole(&env, &log);
     let dlog = daemon.log_text();
     assert!(dlog.contains(" use"), "podman 5.8 used the store: {dlog}");
 }
@@ -1167,13 +1170,7 @@ async fn an_image_indexed_the_upstream_way_starts_lazily() {
     for (_, d) in &blobs {
         assert_eq!(blob_gets(&log, d), 1, "zTOC {d}:\n{log}");
     }
-    for d in &env.layer_digests[..2] {
-        let full = log
-            .lines()
-            .filter(|l| l.contains(&format!("/blobs/{d} ")) && l.contains("\" 200 "))
-            .count();
-        assert_eq!(full, 0, "indexed layer {d} was downloaded whole:\n{log}");
-    }
+    assert_indexed_layers_not_downloaded_whole(&env, &log);
 }
 
 /// A window altered in the registry is refused: the read fails with EIO, never with wrong bytes,

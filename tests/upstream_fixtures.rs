@@ -1,4 +1,4 @@
-//! The layers and zTOCs that upstream SOCI built (`../shared/fixtures/upstream-ztoc`): we read
+//! The layers and zTOCs that upstream SOCI built (`tests/fixtures/upstream-ztoc`): we read
 //! upstream's zTOCs correctly, and the zTOCs we build for the same layers match them.
 
 use std::path::PathBuf;
@@ -12,7 +12,7 @@ fn fixtures() -> PathBuf {
     let dir = std::env::var_os("SOCI_FIXTURES")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/upstream-ztoc")
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/upstream-ztoc")
         });
     assert!(
         dir.join("edge/layer.tar.gz").exists(),

@@ -297,7 +297,7 @@ pub fn fixtures() -> PathBuf {
     std::env::var_os("SOCI_FIXTURES")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/upstream-ztoc")
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/upstream-ztoc")
         })
 }
 

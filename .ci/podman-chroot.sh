@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Makes (once) a Debian forky chroot with podman 5.8 for the store's podman-5.8 test
-# (../shared/docs/test-machine.md). Usage: .ci/podman58-chroot.sh DIR
+# Makes (once) a Debian chroot with that suite's podman for the store's podman tests
+# (../shared/docs/test-machine.md): trixie has podman 5.4, forky 5.8.
+# Usage: .ci/podman-chroot.sh SUITE DIR
 set -euo pipefail
-R="$1"
+SUITE="$1" R="$2"
 if [ -x "$R/usr/bin/podman" ] && [ -x "$R/usr/sbin/runc" ]; then exit 0; fi
 command -v debootstrap >/dev/null || apt-get install -y -qq debootstrap >/dev/null
 # The Debian mirror the host's apt already uses.
@@ -10,9 +11,11 @@ MIRROR=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2
 [ -n "$MIRROR" ] || MIRROR=$(awk '/^deb /{print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
 [ -n "$MIRROR" ] || { echo "no Debian mirror in the host's apt sources" >&2; exit 1; }
 [ -x "$R/usr/bin/podman" ] || rm -rf "$R"
-# debootstrap has no forky script: sid's fits (forky is the testing suite).
+# debootstrap may lack a script for the testing suite: sid's fits it.
+script=()
+[ -e "/usr/share/debootstrap/scripts/$SUITE" ] || script=(/usr/share/debootstrap/scripts/sid)
 [ -x "$R/usr/bin/apt-get" ] ||
-  debootstrap --variant=minbase forky "$R" "$MIRROR" /usr/share/debootstrap/scripts/sid >/dev/null
+  debootstrap --variant=minbase "$SUITE" "$R" "$MIRROR" "${script[@]}" >/dev/null
 cp /etc/resolv.conf "$R/etc/"
 mounts=()
 cleanup() { for ((i=${#mounts[@]}-1; i>=0; i--)); do umount -R "${mounts[$i]}" 2>/dev/null || umount -l "${mounts[$i]}" || true; done; }
