@@ -555,19 +555,15 @@ impl StoreContext {
             .spans
             .cache()
             .contains(&crate::cache::SpanKey::new(&layer.blob.digest, id));
-        let bytes = self
-            .spans
-            .span_for(
-                &layer.blob,
-                &layer.ztoc,
-                id,
-                crate::spans::Purpose::Background,
-            )
-            .await?;
+        let bg = crate::spans::Purpose::Background;
+        // The window first: a span counted as fetched is then readable on its own.
         if let Some(w) = layer.reader.source().windows() {
-            let bg = crate::spans::Purpose::Background;
             self.spans.window(w, &layer.ztoc, id, bg).await?;
         }
+        let bytes = self
+            .spans
+            .span_for(&layer.blob, &layer.ztoc, id, bg)
+            .await?;
         if let (Some(rate), false) = (self.background_rate, was_cached) {
             let secs = bytes.len() as f64 / rate.max(1) as f64;
             tokio::time::sleep(Duration::from_secs_f64(secs)).await;
