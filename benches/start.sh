@@ -26,6 +26,7 @@
 #   VARIANTS  ';'-separated NAME=CONVERT-ARGS; each is converted to its own tag and gets its own
 #             lazy runs in every round (default: one variant, "default", or "span-SIZE" with
 #             SPAN_SIZE). SPAN_SIZE and CONVERT_ARGS are added to every variant's convert args.
+#   TRACE_DIR every lazy run's `serve --trace` file is kept there (VER-NET-KIND-VARIANT-REP.jsonl).
 #   NOBG=1    adds lazy runs with `serve --no-background-fetch` (main config: every default).
 #   PODMANS   "4" (host), "5" (chroot at $PODMAN5_ROOT, default /var/cache/soci-store-ci/trixie,
 #             made by .ci/podman-chroot.sh trixie), or both.
@@ -461,6 +462,7 @@ run_one() {
     [ "$kind" = lazy-nobg ] && sargs+=(--no-background-fetch)
     # shellcheck disable=SC2206
     [ -n "${SERVE_ARGS:-}" ] && sargs+=($SERVE_ARGS)
+    [ -n "${TRACE_DIR:-}" ] && { mkdir -p "$TRACE_DIR"; sargs+=(--trace "$TRACE_DIR/$ver-$net-$kind-$variant-$rep.jsonl"); }
     start_daemon "$ver" "${sargs[@]}"
     image="$reg/app:soci-$variant"
     sopt=(--storage-opt "overlay.additionallayerstore=$(store_seen "$ver"):ref")

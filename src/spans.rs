@@ -2,16 +2,21 @@
 //! however many readers want it, and every fetched span verified before it is cached or served.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use futures::FutureExt;
 use tokio::sync::OnceCell;
 
 use crate::cache::{SpanCache, SpanKey};
 use crate::fetch::{BlobLocator, FetchError, FetcherChain};
 use crate::ztoc::reader::{verify_span, SpanSource};
-use crate::ztoc::{Ztoc, ZtocError};
+use crate::ztoc::{WindowRef, Ztoc, ZtocError};
+
+/// Windows fetched with one request when one is missing (see [`SpanStore::window`]).
+const WINDOW_BATCH: usize = 8;
 
 type Flight = Arc<OnceCell<Result<Bytes, Arc<FetchError>>>>;
 
@@ -53,6 +58,8 @@ pub struct SpanStore {
 pub enum Purpose {
     /// A reader waits for it.
     Demand,
+    /// Read-ahead: a reader is likely to want it next (the rest of the file it reads).
+    Ahead,
     /// Making the layer local; gives way to demand.
     Background,
 }
@@ -61,6 +68,7 @@ impl Purpose {
     fn as_str(self) -> &'static str {
         match self {
             Purpose::Demand => "demand",
+            Purpose::Ahead => "ahead",
             Purpose::Background => "background",
         }
     }
@@ -167,7 +175,8 @@ impl SpanStore {
             return Ok(b);
         }
         self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
-        self.single_flight(&key, self.fetch_verified(blob, ztoc, id, &key, purpose))
+        let fetch = self.fetch_verified(blob, ztoc, id, &key, purpose);
+        self.single_flight(&key, async { fetch.await.map_err(Arc::new) })
             .await
     }
 
@@ -175,7 +184,7 @@ impl SpanStore {
     async fn single_flight(
         &self,
         key: &SpanKey,
-        fetch: impl std::future::Future<Output = Result<Bytes, FetchError>>,
+        fetch: impl std::future::Future<Output = Result<Bytes, Arc<FetchError>>>,
     ) -> Result<Bytes, Arc<FetchError>> {
         let flight: Flight = self
             .inflight
@@ -184,10 +193,7 @@ impl SpanStore {
             .entry(key.clone())
             .or_default()
             .clone();
-        let result = flight
-            .get_or_init(|| async { fetch.await.map_err(Arc::new) })
-            .await
-            .clone();
+        let result = flight.get_or_init(|| fetch).await.clone();
         let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
         if inflight.get(key).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
             inflight.remove(key);
@@ -208,8 +214,148 @@ impl SpanStore {
         if let Some(b) = self.cache.get(&key) {
             return Ok(b);
         }
-        self.single_flight(&key, self.fetch_window(windows, ztoc, id, &key, purpose))
+        let batch = self.window_batch(windows, ztoc, id);
+        if batch.len() > 1 {
+            let mut results = self.fetch_windows(windows, ztoc, &batch, purpose).await;
+            return results.swap_remove(0);
+        }
+        let fetch = self.fetch_window(windows, ztoc, id, &key, purpose);
+        self.single_flight(&key, async { fetch.await.map_err(Arc::new) })
             .await
+    }
+
+    /// Window `id` and the ones after it that are stored apart, neither cached nor being
+    /// fetched, and follow each other in the windows blob: fetched with one request, since
+    /// windows are small (~10 KiB) and the next spans of a file are likely read soon. Just `id`
+    /// when another fetch already brings it.
+    fn window_batch(
+        &self,
+        windows: &BlobLocator,
+        ztoc: &Ztoc,
+        id: usize,
+    ) -> Vec<(usize, WindowRef)> {
+        let crate::ztoc::Compression::Gzip { checkpoints } = &ztoc.compression else {
+            return Vec::new();
+        };
+        let pending = |i| self.cached_or_pending(&SpanKey::new(&windows.digest, i));
+        let mut out: Vec<(usize, WindowRef)> = Vec::new();
+        for (i, cp) in checkpoints.iter().enumerate().skip(id).take(WINDOW_BATCH) {
+            let crate::ztoc::Window::Remote(r) = &cp.window else {
+                break;
+            };
+            if let Some((_, prev)) = out.last() {
+                if prev.offset + u64::from(prev.len) != r.offset || pending(i) {
+                    break;
+                }
+            } else if pending(i) {
+                break;
+            }
+            out.push((i, r.clone()));
+        }
+        out
+    }
+
+    /// The windows of `batch` (consecutive in the windows blob) with one ranged request; each
+    /// verified and cached through its own single-flight cell (one that fails verification is
+    /// fetched again alone).
+    async fn fetch_windows(
+        &self,
+        windows: &BlobLocator,
+        ztoc: &Ztoc,
+        batch: &[(usize, WindowRef)],
+        purpose: Purpose,
+    ) -> Vec<Result<Bytes, Arc<FetchError>>> {
+        let (Some((a, first)), Some((b, last))) = (batch.first(), batch.last()) else {
+            return Vec::new();
+        };
+        let range = first.offset..last.offset + u64::from(last.len);
+        let what = format!("{}#{a}-{b}", windows.digest);
+        let fetched = async {
+            let traced = self.traced("window", what, purpose);
+            match self.fetchers.read_range(windows, range.clone()).await {
+                Ok(d) => {
+                    self.stats
+                        .bytes_fetched
+                        .fetch_add(d.len() as u64, Ordering::Relaxed);
+                    traced.done(d.len() as u64, "");
+                    Ok(d)
+                }
+                Err(e) => {
+                    self.stats.fetch_errors.fetch_add(1, Ordering::Relaxed);
+                    traced.done(0, "error");
+                    Err(Arc::new(e))
+                }
+            }
+        }
+        .shared();
+        let flights = batch.iter().map(|(id, r)| {
+            let fetched = fetched.clone();
+            let key = SpanKey::new(&windows.digest, *id);
+            let start = (r.offset - range.start) as usize;
+            async move {
+                let one = async {
+                    let all = fetched.await?;
+                    let data = all.slice(start..start + r.len as usize);
+                    match crate::ztoc::table::open_window(r, &data) {
+                        Ok(w) => {
+                            let w = Bytes::from(w.into_vec());
+                            self.cache.put(&key, w.clone());
+                            Ok(w)
+                        }
+                        Err(e) => {
+                            tracing::warn!(%windows, span = id, "fetched window failed verification: {e}");
+                            let again = self.fetch_window(windows, ztoc, *id, &key, purpose);
+                            again.await.map_err(Arc::new)
+                        }
+                    }
+                };
+                self.single_flight(&key, one).await
+            }
+        });
+        futures::future::join_all(flights).await
+    }
+
+    /// Whether `key` is cached or being fetched.
+    fn cached_or_pending(&self, key: &SpanKey) -> bool {
+        self.cache.contains(key)
+            || self
+                .inflight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(key)
+    }
+
+    /// Of spans `ids` of `blob`, those neither cached nor being fetched.
+    pub fn missing(&self, blob: &BlobLocator, ids: Range<usize>) -> Vec<usize> {
+        ids.filter(|&i| !self.cached_or_pending(&SpanKey::new(&blob.digest, i)))
+            .collect()
+    }
+
+    /// Read-ahead: fetches spans `ids` of `blob` (and their windows from `windows`, when the
+    /// zTOC stores them apart), each with its own request, all at once, each verified before it
+    /// is cached. A reader reaching one of them joins its fetch. Errors are only counted and
+    /// logged: a reader that needs one of these spans fetches it itself.
+    pub async fn fetch_ahead(
+        &self,
+        blob: &BlobLocator,
+        windows: Option<&BlobLocator>,
+        ztoc: &Ztoc,
+        ids: &[usize],
+    ) {
+        let each = ids.iter().map(|&id| async move {
+            let span = self.span_for(blob, ztoc, id, Purpose::Ahead);
+            let result = match windows {
+                Some(w) => {
+                    let (s, w) = futures::join!(span, self.window(w, ztoc, id, Purpose::Ahead));
+                    s.and(w)
+                }
+                None => span.await,
+            };
+            if let Err(e) = result {
+                tracing::debug!(%blob, span = id, "read-ahead: {e}");
+            }
+        });
+        futures::future::join_all(each).await;
     }
 
     async fn fetch_window(
@@ -396,6 +542,20 @@ impl SpanSource for RemoteLayer {
                 .wait_for(self.store.span(&self.blob, ztoc, id))
                 .map_err(source),
         }
+    }
+
+    fn read_ahead(&self, ztoc: &Arc<Ztoc>, ids: Range<usize>) {
+        let missing = self.store.missing(&self.blob, ids);
+        if missing.is_empty() {
+            return;
+        }
+        let (store, blob) = (self.store.clone(), self.blob.clone());
+        let (windows, ztoc) = (self.windows.clone(), ztoc.clone());
+        self.runtime.spawn(async move {
+            store
+                .fetch_ahead(&blob, windows.as_ref(), &ztoc, &missing)
+                .await;
+        });
     }
 
     fn window(&self, ztoc: &Ztoc, id: usize) -> Result<Bytes, ZtocError> {

@@ -20,7 +20,7 @@ pub struct Event {
     /// Bytes moved (fetched for fetches, returned for reads).
     #[serde(default)]
     pub bytes: u64,
-    /// What it was about: a digest, `blob#span`, an inode.
+    /// What it was about: a digest, `blob#span`, `blob:path:offset+size` for a read.
     #[serde(default)]
     pub what: String,
     /// For fetches: `demand` (a reader waits) or `background`.

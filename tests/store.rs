@@ -750,7 +750,8 @@ async fn podman_5_pulls_and_runs_lazily_through_the_store() {
 }
 
 /// The background fetcher never starts a fetch while a reader waits for one (nor right after),
-/// so the start's reads do not share the link with it; the trace shows every fetch.
+/// nor while a reader's read-ahead runs, so the start's reads do not share the link with it;
+/// the trace shows every fetch.
 #[tokio::test(flavor = "multi_thread")]
 async fn background_fetch_gives_way_to_waiting_readers() {
     use base64::Engine;
@@ -794,7 +795,10 @@ async fn background_fetch_gives_way_to_waiting_readers() {
             .cloned()
             .collect()
     };
-    let (demand, background) = (fetches("demand"), fetches("background"));
+    // What readers fetched: spans they waited for, and the spans after them fetched ahead.
+    let mut demand = fetches("demand");
+    demand.extend(fetches("ahead"));
+    let background = fetches("background");
     assert!(!demand.is_empty() && !background.is_empty(), "{events:?}");
     for d in &demand {
         for b in &background {
@@ -1207,4 +1211,55 @@ async fn a_tampered_window_is_never_served() {
         std::fs::read(base.join("etc/hello.txt")).unwrap(),
         b"hello from the base layer\n"
     );
+}
+
+/// Reading a file that spans many spans fetches the file's next spans ahead, all at once, so the
+/// reader waits for few of them, and windows several per request; every span is still fetched
+/// once and every byte reads correctly. The trace shows which fetches were read-ahead.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_read_fetches_its_next_spans_ahead() {
+    use base64::Engine;
+    let env = setup().await;
+    let image = format!("{}/test/app:v1-soci", env.reg.addr());
+    let cfg = env.fresh_daemon_config();
+    let trace = env.dir.path().join("trace.jsonl");
+    let mnt = env.dir.path().join("store");
+    let daemon = Daemon::start_with(
+        &cfg,
+        &mnt,
+        &env.dir.path().join("daemon.log"),
+        &["--no-background-fetch", "--trace", trace.to_str().unwrap()],
+    );
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&image);
+    let base = mnt.join(&b64).join(&env.layer_digests[0]).join("diff");
+    assert!(base.join("etc/hello.txt").exists());
+    let log_before = env.reg.log_text().len();
+    // 12 MiB of random bytes: with 1 MiB spans, at least 12 spans of the base layer.
+    assert!(std::fs::read(base.join("data/big-random.bin")).unwrap() == random_bytes(12 << 20, 11));
+    let log = env.reg.log_text()[log_before..].to_string();
+    drop(daemon);
+    let events = soci_store::trace::load(&trace).unwrap();
+    let fetches = |ev: &str, kind: &str| -> Vec<String> {
+        events
+            .iter()
+            .filter(|e| e.ev == ev && e.kind == kind && e.outcome.is_empty())
+            .map(|e| e.what.clone())
+            .collect()
+    };
+    let (demand, ahead) = (fetches("span", "demand"), fetches("span", "ahead"));
+    assert!(demand.len() + ahead.len() >= 12, "{events:?}");
+    assert!(demand.len() <= 5, "the reader waited for {demand:?}");
+    // Windows are small: several come with one request.
+    let mut windows = fetches("window", "demand");
+    windows.extend(fetches("window", "ahead"));
+    assert!(
+        !windows.is_empty() && windows.len() * 3 <= demand.len() + ahead.len(),
+        "{windows:?}"
+    );
+    // Each span once: no span fetched twice, and one registry request per span fetch.
+    let mut all: Vec<&String> = demand.iter().chain(&ahead).collect();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), demand.len() + ahead.len(), "{events:?}");
+    assert_eq!(blob_gets(&log, &env.layer_digests[0]), all.len(), "{log}");
 }

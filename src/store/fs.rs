@@ -524,7 +524,12 @@ impl Filesystem for StoreFs {
                         if trace.enabled() {
                             let event = crate::trace::Event {
                                 ev: "read".into(),
-                                what: format!("{}:{}+{size}", ino.0, offset),
+                                what: format!(
+                                    "{}:{}:{}+{size}",
+                                    layer.blob.digest,
+                                    layer.ztoc.entries[entry].display_name(),
+                                    offset
+                                ),
                                 bytes: *result.as_ref().unwrap_or(&0) as u64,
                                 outcome: if result.is_ok() { "" } else { "error" }.into(),
                                 ..Default::default()

@@ -69,7 +69,16 @@ pub trait SpanSource: Send + Sync {
             "the window of span {id} is stored apart and this source cannot fetch it"
         )))
     }
+
+    /// A hint that spans `ids` are likely read next (the rest of a file being read): a source
+    /// that fetches over a network may start fetching them now. Nothing by default.
+    fn read_ahead(&self, _ztoc: &Arc<Ztoc>, _ids: Range<usize>) {}
 }
+
+/// Read-ahead within a file: at most this many spans after the one a read needs...
+const READ_AHEAD_SPANS: usize = 8;
+/// ...and at most this many compressed bytes of them.
+const READ_AHEAD_BYTES: u64 = 4 << 20;
 
 impl<T: BlobSource + ?Sized> SpanSource for T {
     fn span_bytes(&self, ztoc: &Ztoc, id: usize) -> Result<bytes::Bytes> {
@@ -302,14 +311,43 @@ impl<S: SpanSource> LayerReader<S> {
         }
     }
 
-    /// Fetches span `id` (and its window, when stored apart) and inflates from `skip` into `out`.
-    fn inflate(&self, id: usize, skip: u64, out: &mut [u8]) -> Result<()> {
+    /// Fetches span `id` (and its window, when stored apart) and inflates from `skip` into `out`;
+    /// for a read of a file whose data ends at `file_end`, hints the source to fetch the file's
+    /// next spans meanwhile.
+    fn inflate(&self, id: usize, skip: u64, out: &mut [u8], file_end: Option<u64>) -> Result<()> {
+        if let Some(end) = file_end {
+            self.hint_ahead(id, end);
+        }
         let bytes = self.fetch_span(id)?;
         let window = self.remote_window(id)?;
         inflate_span_with(&self.ztoc, id, &bytes, window.as_deref(), skip, out)
     }
 
-    fn cached_span(&self, id: usize) -> Result<Option<Arc<[u8]>>> {
+    /// Tells the source about the spans after `id` that hold file data up to `end`.
+    fn hint_ahead(&self, id: usize, end: u64) {
+        if end == 0 || id + 1 >= self.ztoc.span_count() {
+            return;
+        }
+        let last = self
+            .ztoc
+            .span_for_offset(end - 1)
+            .min(id + READ_AHEAD_SPANS);
+        let mut to = id + 1;
+        let mut bytes = 0;
+        while to <= last {
+            let c = self.ztoc.span(to).compressed;
+            bytes += c.end - c.start;
+            if bytes > READ_AHEAD_BYTES {
+                break;
+            }
+            to += 1;
+        }
+        if to > id + 1 {
+            self.source.read_ahead(&self.ztoc, id + 1..to);
+        }
+    }
+
+    fn cached_span(&self, id: usize, file_end: Option<u64>) -> Result<Option<Arc<[u8]>>> {
         let Some((cache, reader)) = &self.cache else {
             return Ok(None);
         };
@@ -321,7 +359,7 @@ impl<S: SpanSource> LayerReader<S> {
             return Ok(Some(hit));
         }
         let mut data = vec![0u8; (span.uncompressed.end - span.uncompressed.start) as usize];
-        self.inflate(id, 0, &mut data)?;
+        self.inflate(id, 0, &mut data, file_end)?;
         let data: Arc<[u8]> = data.into();
         cache.put((*reader, id), data.clone());
         Ok(Some(data))
@@ -330,6 +368,11 @@ impl<S: SpanSource> LayerReader<S> {
     /// Reads uncompressed bytes at `offset` into `buf`; returns how many (short only at the end
     /// of the archive).
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        self.read_within(offset, buf, None)
+    }
+
+    /// [`Self::read_at`] for a file whose data ends at `file_end` (read-ahead stays inside it).
+    fn read_within(&self, offset: u64, buf: &mut [u8], file_end: Option<u64>) -> Result<usize> {
         let size = self.ztoc.uncompressed_size;
         if offset >= size || buf.is_empty() {
             return Ok(0);
@@ -346,9 +389,9 @@ impl<S: SpanSource> LayerReader<S> {
                 return Err(ZtocError::Invalid(format!("no span covers offset {pos}")));
             }
             let out = &mut buf[done..done + n];
-            match self.cached_span(id)? {
+            match self.cached_span(id, file_end)? {
                 Some(data) => out.copy_from_slice(&data[skip as usize..skip as usize + n]),
-                None => self.inflate(id, skip, out)?,
+                None => self.inflate(id, skip, out, file_end)?,
             }
             done += n;
         }
@@ -387,7 +430,7 @@ impl<S: SpanSource> LayerReader<S> {
             return Ok(0);
         }
         let n = (buf.len() as u64).min(e.size - offset) as usize;
-        self.read_at(e.offset + offset, &mut buf[..n])
+        self.read_within(e.offset + offset, &mut buf[..n], Some(e.offset + e.size))
     }
 
     /// Reads the whole data of entry `idx`. Memory grows with the data actually read, never
