@@ -15,7 +15,7 @@ use crate::fetch::{BlobLocator, FetchError, FetcherChain};
 use crate::ztoc::reader::{verify_span, SpanSource};
 use crate::ztoc::{WindowRef, Ztoc, ZtocError};
 
-/// Windows fetched with one request when one is missing (see [`SpanStore::window`]).
+/// At most this many windows of read-ahead spans come with one request.
 const WINDOW_BATCH: usize = 8;
 
 type Flight = Arc<OnceCell<Result<Bytes, Arc<FetchError>>>>;
@@ -214,45 +214,40 @@ impl SpanStore {
         if let Some(b) = self.cache.get(&key) {
             return Ok(b);
         }
-        let batch = self.window_batch(windows, ztoc, id);
-        if batch.len() > 1 {
-            let mut results = self.fetch_windows(windows, ztoc, &batch, purpose).await;
-            return results.swap_remove(0);
-        }
         let fetch = self.fetch_window(windows, ztoc, id, &key, purpose);
         self.single_flight(&key, async { fetch.await.map_err(Arc::new) })
             .await
     }
 
-    /// Window `id` and the ones after it that are stored apart, neither cached nor being
-    /// fetched, and follow each other in the windows blob: fetched with one request, since
-    /// windows are small (~10 KiB) and the next spans of a file are likely read soon. Just `id`
-    /// when another fetch already brings it.
-    fn window_batch(
+    /// The windows of spans `ids` that are stored apart and neither cached nor being fetched,
+    /// in runs that follow each other in the windows blob (at most [`WINDOW_BATCH`] a run).
+    fn window_runs(
         &self,
         windows: &BlobLocator,
         ztoc: &Ztoc,
-        id: usize,
-    ) -> Vec<(usize, WindowRef)> {
+        ids: &[usize],
+    ) -> Vec<Vec<(usize, WindowRef)>> {
         let crate::ztoc::Compression::Gzip { checkpoints } = &ztoc.compression else {
             return Vec::new();
         };
-        let pending = |i| self.cached_or_pending(&SpanKey::new(&windows.digest, i));
-        let mut out: Vec<(usize, WindowRef)> = Vec::new();
-        for (i, cp) in checkpoints.iter().enumerate().skip(id).take(WINDOW_BATCH) {
-            let crate::ztoc::Window::Remote(r) = &cp.window else {
-                break;
+        let mut runs: Vec<Vec<(usize, WindowRef)>> = Vec::new();
+        for &i in ids {
+            let crate::ztoc::Window::Remote(r) = &checkpoints[i].window else {
+                continue;
             };
-            if let Some((_, prev)) = out.last() {
-                if prev.offset + u64::from(prev.len) != r.offset || pending(i) {
-                    break;
-                }
-            } else if pending(i) {
-                break;
+            if self.cached_or_pending(&SpanKey::new(&windows.digest, i)) {
+                continue;
             }
-            out.push((i, r.clone()));
+            let joins = runs
+                .last()
+                .and_then(|run| run.last())
+                .is_some_and(|(_, prev)| prev.offset + u64::from(prev.len) == r.offset);
+            match runs.last_mut() {
+                Some(run) if joins && run.len() < WINDOW_BATCH => run.push((i, r.clone())),
+                _ => runs.push(vec![(i, r.clone())]),
+            }
         }
-        out
+        runs
     }
 
     /// The windows of `batch` (consecutive in the windows blob) with one ranged request; each
@@ -269,7 +264,11 @@ impl SpanStore {
             return Vec::new();
         };
         let range = first.offset..last.offset + u64::from(last.len);
-        let what = format!("{}#{a}-{b}", windows.digest);
+        let what = if b > a {
+            format!("{}#{a}-{b}", windows.digest)
+        } else {
+            format!("{}#{a}", windows.digest)
+        };
         let fetched = async {
             let traced = self.traced("window", what, purpose);
             match self.fetchers.read_range(windows, range.clone()).await {
@@ -342,20 +341,30 @@ impl SpanStore {
         ztoc: &Ztoc,
         ids: &[usize],
     ) {
-        let each = ids.iter().map(|&id| async move {
-            let span = self.span_for(blob, ztoc, id, Purpose::Ahead);
-            let result = match windows {
-                Some(w) => {
-                    let (s, w) = futures::join!(span, self.window(w, ztoc, id, Purpose::Ahead));
-                    s.and(w)
-                }
-                None => span.await,
-            };
-            if let Err(e) = result {
+        let spans = ids.iter().map(|&id| async move {
+            if let Err(e) = self.span_for(blob, ztoc, id, Purpose::Ahead).await {
                 tracing::debug!(%blob, span = id, "read-ahead: {e}");
             }
         });
-        futures::future::join_all(each).await;
+        // The windows of those spans, several per request: they are small.
+        let runs = match windows {
+            Some(w) => self.window_runs(w, ztoc, ids),
+            None => Vec::new(),
+        };
+        let windows = windows.into_iter().flat_map(|w| {
+            runs.iter().map(move |run| async move {
+                for r in self.fetch_windows(w, ztoc, run, Purpose::Ahead).await {
+                    if let Err(e) = r {
+                        tracing::debug!(%w, "read-ahead window: {e}");
+                    }
+                }
+            })
+        });
+        futures::future::join(
+            futures::future::join_all(spans),
+            futures::future::join_all(windows),
+        )
+        .await;
     }
 
     async fn fetch_window(
