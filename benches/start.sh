@@ -21,13 +21,15 @@
 # soci_store_layers_served (metrics endpoint) and the daemon's peak RSS (VmHWM) at ready.
 #
 #   usage: [REPS=5] [PODMANS="4 5"] [NETS="shaped unshaped"] [SPAN_SIZE=4MiB] [CONVERT_ARGS=…]
-#          [VARIANTS="default=;span4=--span-size 4MiB"] [NOBG=1] [SERVE_ARGS=…] [RATE=100mbit]
+#          [VARIANTS="default=;span4=--span-size 4MiB"] [NOBG=1] [SERVE_VARIANTS=…] [SERVE_ARGS=…] [RATE=100mbit]
 #          [BIN=target/release/soci-store] [RUN_TIMEOUT=600] [RETRIES=1] [OUT=FILE] benches/start.sh
 #   VARIANTS  ';'-separated NAME=CONVERT-ARGS; each is converted to its own tag and gets its own
 #             lazy runs in every round (default: one variant, "default", or "span-SIZE" with
 #             SPAN_SIZE). SPAN_SIZE and CONVERT_ARGS are added to every variant's convert args.
 #   TRACE_DIR every lazy run's `serve --trace` file is kept there (VER-NET-KIND-VARIANT-REP.jsonl).
 #   NOBG=1    adds lazy runs with `serve --no-background-fetch` (main config: every default).
+#   SERVE_VARIANTS  ';'-separated NAME=SERVE-ARGS: lazy runs of each convert variant with those
+#             `serve` arguments too (NOBG=1 is "nobg=--no-background-fetch").
 #   PODMANS   "4" (host), "5" (chroot at $PODMAN5_ROOT, default /var/cache/soci-store-ci/trixie,
 #             made by .ci/podman-chroot.sh trixie), or both.
 #   OUT       every run as a TSV row (default target/bench-start/runs-DATE.tsv; the registry's
@@ -56,6 +58,14 @@ case " $podmans " in *" 5 "*) [ -x "$r5src/usr/bin/podman" ] || { echo "no podma
 if [ -n "${VARIANTS:-}" ]; then variants_spec="$VARIANTS"
 elif [ -n "${SPAN_SIZE:-}" ]; then variants_spec="span-$SPAN_SIZE="
 else variants_spec="default="; fi
+# Serve variants: NAME=SERVE-ARGS;… (each adds lazy runs of every convert variant).
+svnames=(); declare -A svargs
+serve_spec="${SERVE_VARIANTS:-}"
+[ "${NOBG:-0}" = 1 ] && serve_spec="${serve_spec:+$serve_spec;}nobg=--no-background-fetch"
+if [ -n "$serve_spec" ]; then
+  IFS=';' read -r -a _svs <<<"$serve_spec"
+  for sv in "${_svs[@]}"; do svnames+=("${sv%%=*}"); svargs[${sv%%=*}]="${sv#*=}"; done
+fi
 vnames=(); declare -A vargs
 IFS=';' read -r -a _vs <<<"$variants_spec"
 for v in "${_vs[@]}"; do
@@ -459,7 +469,8 @@ run_one() {
   reset_graph "$ver"
   if [ "$kind" != plain ]; then
     local sargs=()
-    [ "$kind" = lazy-nobg ] && sargs+=(--no-background-fetch)
+    # shellcheck disable=SC2206
+    [ "$kind" != lazy ] && sargs+=(${svargs[${kind#lazy-}]})
     # shellcheck disable=SC2206
     [ -n "${SERVE_ARGS:-}" ] && sargs+=($SERVE_ARGS)
     [ -n "${TRACE_DIR:-}" ] && { mkdir -p "$TRACE_DIR"; sargs+=(--trace "$TRACE_DIR/$ver-$net-$kind-$variant-$rep.jsonl"); }
@@ -528,7 +539,7 @@ set_net() {
 kinds=(plain)
 for v in "${vnames[@]}"; do
   kinds+=("lazy:$v")
-  [ "${NOBG:-0}" = 1 ] && kinds+=("lazy-nobg:$v")
+  for sv in "${svnames[@]}"; do kinds+=("lazy-$sv:$v"); done
 done
 log "image: $layer_sizes = $(echo "$image_bytes / 1000000" | bc -l | xargs printf '%.1f') MB; $reps rounds of: podman {$podmans} x {$nets} x {${kinds[*]}}"
 t_start=$(now)
@@ -599,7 +610,7 @@ for ver, net in combos:
     for kind, variant in lazykinds:
         l = sel(ver, net, kind, variant)
         ml = med(l, "ready_s")
-        label = "lazy" + (" (no background fetch)" if kind == "lazy-nobg" else "") + (f", {variant}" if len(vnames.split()) > 1 or variant != "default" else "")
+        label = "lazy" + (f" (serve {kind[5:]})" if kind != "lazy" else "") + (f", {variant}" if len(vnames.split()) > 1 or variant != "default" else "")
         ratio = f"{mp[0]/ml[0]:.1f}x faster" if mp and ml else "n/a"
         tgt = ">= 5x" if net == "shaped" else "-"
         print(f"| time to ready, podman {pv[ver]}, {netname[net]} | {label}: {secs(ml)}{fails(l)} | plain pull + run: {secs(mp)}{fails(p)} | {ratio} | {tgt} |")

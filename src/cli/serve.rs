@@ -29,6 +29,10 @@ pub struct ServeArgs {
     /// possible while no read waits.
     #[arg(long, value_parser = super::parse_size)]
     background_rate: Option<u64>,
+    /// When a file read misses a span, fetch up to this many of the file's next spans at once
+    /// (at most 4 MiB compressed); 0 fetches only the spans reads need.
+    #[arg(long, value_name = "SPANS", default_value_t = crate::ztoc::reader::READ_AHEAD_SPANS)]
+    read_ahead: usize,
     /// Write a start breakdown to FILE: one JSON line per lookup, artifact fetch, span fetch
     /// and FUSE read (`soci-store trace summary FILE` adds them up).
     #[arg(long, value_name = "FILE")]
@@ -58,6 +62,7 @@ impl ServeArgs {
         sc.lookup_timeout = Duration::from_secs_f64(self.lookup_timeout);
         sc.background_fetch = !self.no_background_fetch;
         sc.background_rate = self.background_rate;
+        sc.read_ahead = self.read_ahead;
         let opts = store::ServeOptions {
             threads: self.threads,
             metrics_address: config.metrics_address.clone(),

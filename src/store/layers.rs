@@ -42,6 +42,8 @@ pub struct StoreContext {
     pub background_fetch: bool,
     /// Bytes per second for background fetching; unlimited when None.
     pub background_rate: Option<u64>,
+    /// Spans fetched ahead of a file read that misses (see `LayerReader::read_ahead`).
+    pub read_ahead: usize,
     pub stats: Arc<super::metrics::StoreStats>,
     images: Memo<String, Arc<ImageInfo>>,
     /// Served layers by (reference, compressed layer digest): one resolution per layer whichever
@@ -111,6 +113,7 @@ impl StoreContext {
             lookup_timeout: Duration::from_secs(30),
             background_fetch: true,
             background_rate: None,
+            read_ahead: crate::ztoc::reader::READ_AHEAD_SPANS,
             stats: Arc::default(),
             images: Mutex::default(),
             layers: Mutex::default(),
@@ -334,6 +337,7 @@ impl StoreContext {
                 .with_windows(windows),
         )
         .with_shared_span_cache(self.inflated.clone())
+        .read_ahead(self.read_ahead)
     }
 
     /// Serves `layer`: counts it and starts its background fetch (`first` spans first).

@@ -75,8 +75,8 @@ pub trait SpanSource: Send + Sync {
     fn read_ahead(&self, _ztoc: &Arc<Ztoc>, _ids: Range<usize>) {}
 }
 
-/// Read-ahead within a file: at most this many spans after the one a read needs...
-const READ_AHEAD_SPANS: usize = 8;
+/// Read-ahead within a file: by default at most this many spans after the one a read needs...
+pub const READ_AHEAD_SPANS: usize = 8;
 /// ...and at most this many compressed bytes of them.
 const READ_AHEAD_BYTES: u64 = 4 << 20;
 
@@ -251,6 +251,7 @@ pub struct LayerReader<S> {
     cache: Option<(Arc<InflatedSpans>, u64)>,
     verify_headers: bool,
     header_checked: Vec<AtomicBool>,
+    read_ahead: usize,
 }
 
 impl<S: SpanSource> LayerReader<S> {
@@ -263,6 +264,7 @@ impl<S: SpanSource> LayerReader<S> {
             cache: None,
             verify_headers: false,
             header_checked: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            read_ahead: READ_AHEAD_SPANS,
         }
     }
 
@@ -279,6 +281,12 @@ impl<S: SpanSource> LayerReader<S> {
     pub fn with_shared_span_cache(mut self, cache: Arc<InflatedSpans>) -> Self {
         let key = NEXT_READER_KEY.fetch_add(1, Ordering::Relaxed);
         self.cache = Some((cache, key));
+        self
+    }
+
+    /// Hints the source with at most `spans` spans after one a file read misses (0: none).
+    pub fn read_ahead(mut self, spans: usize) -> Self {
+        self.read_ahead = spans;
         self
     }
 
@@ -325,13 +333,10 @@ impl<S: SpanSource> LayerReader<S> {
 
     /// Tells the source about the spans after `id` that hold file data up to `end`.
     fn hint_ahead(&self, id: usize, end: u64) {
-        if end == 0 || id + 1 >= self.ztoc.span_count() {
+        if end == 0 || self.read_ahead == 0 || id + 1 >= self.ztoc.span_count() {
             return;
         }
-        let last = self
-            .ztoc
-            .span_for_offset(end - 1)
-            .min(id + READ_AHEAD_SPANS);
+        let last = self.ztoc.span_for_offset(end - 1).min(id + self.read_ahead);
         let mut to = id + 1;
         let mut bytes = 0;
         while to <= last {
