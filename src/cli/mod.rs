@@ -99,8 +99,7 @@ impl Cli {
                 let config = ctx.config()?;
                 // Building the backends validates every option, so `show` reports mistakes.
                 ctx.backends.build_fetchers(&config)?;
-                print!("{}", config.to_toml());
-                Ok(())
+                print_out(&config.to_toml())
             }
             Command::Blob(cmd) => cmd.run(&ctx),
             Command::Mirror(args) => args.run(&ctx),
@@ -139,6 +138,7 @@ pub fn main_with(backends: BackendRegistry) -> ExitCode {
         .init();
     match cli.run_with(backends) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if ended_by_closed_stdout(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("soci-store: error: {e:#}");
             ExitCode::FAILURE
@@ -167,10 +167,59 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 /// Writes `text` to stdout; a reader that went away (EPIPE, as with `| head`) is a normal end.
 pub(crate) fn print_out(text: &str) -> anyhow::Result<()> {
     use std::io::Write;
-    let mut out = std::io::stdout().lock();
+    let mut out = stdout();
     match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) if is_stdout_closed(&e) => Ok(()),
         other => Ok(other?),
+    }
+}
+
+/// Standard output was closed by its reader (EPIPE, as with `| head`).
+#[derive(Debug, thiserror::Error)]
+#[error("standard output was closed")]
+pub(crate) struct StdoutClosed;
+
+fn is_stdout_closed(e: &std::io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<StdoutClosed>())
+}
+
+/// Whether an error is (or was caused by) [`StdoutClosed`].
+fn ended_by_closed_stdout(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.is::<StdoutClosed>()
+            || c.downcast_ref::<std::io::Error>()
+                .is_some_and(is_stdout_closed)
+    })
+}
+
+/// Buffered standard output for what commands print. Unlike `println!` it never panics: write
+/// errors are returned, and a reader that went away comes back as [`StdoutClosed`], which ends
+/// the program quietly and successfully (a network EPIPE stays an ordinary error).
+pub(crate) struct Out(std::io::BufWriter<std::io::StdoutLock<'static>>);
+
+pub(crate) fn stdout() -> Out {
+    Out(std::io::BufWriter::new(std::io::stdout().lock()))
+}
+
+fn mark_closed(e: std::io::Error) -> std::io::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::io::Error::new(std::io::ErrorKind::BrokenPipe, StdoutClosed)
+    } else {
+        e
+    }
+}
+
+impl std::io::Write for Out {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf).map_err(mark_closed)
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        self.0.write_all(buf).map_err(mark_closed)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush().map_err(mark_closed)
     }
 }
 
