@@ -325,7 +325,15 @@ async fn index_layers(
         min_layer_size: opts.min_layer_size,
         ..Default::default()
     };
-    let jobs = image.layers.iter().map(|layer| {
+    // Images repeat layers (empty layers, identical steps): each distinct layer is copied and
+    // indexed once, its later places get its report (and no second set of artifacts).
+    let mut distinct: Vec<&Descriptor> = Vec::new();
+    for layer in &image.layers {
+        if !distinct.iter().any(|d| d.digest == layer.digest) {
+            distinct.push(layer);
+        }
+    }
+    let jobs = distinct.iter().map(|&layer| {
         let build_opts = build_opts.clone();
         async move {
             progress.layer_started(&layer.digest, layer.size);
@@ -398,7 +406,30 @@ async fn index_layers(
         .buffered(opts.concurrency.max(1))
         .collect()
         .await;
-    results.into_iter().collect()
+    let mut built = results
+        .into_iter()
+        .map(|r| r.map(Some))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut out = Vec::with_capacity(image.layers.len());
+    for (i, layer) in image.layers.iter().enumerate() {
+        let first = image
+            .layers
+            .iter()
+            .position(|l| l.digest == layer.digest)
+            .expect("the layer itself");
+        if first == i {
+            let at = distinct
+                .iter()
+                .position(|d| d.digest == layer.digest)
+                .expect("listed");
+            out.push(built[at].take().expect("each distinct layer once"));
+        } else {
+            let report = out[first].0.clone();
+            let note = format!("same layer as layer {first}");
+            out.push((LayerReport { note, ..report }, Vec::new()));
+        }
+    }
+    Ok(out)
 }
 
 fn note_push(note: &mut String, what: &str) {

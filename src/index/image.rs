@@ -70,6 +70,14 @@ pub enum Copied {
     Uploaded,
 }
 
+/// A temporary name beside `p`, unique per write: two writes of one blob may run at once (in
+/// this process or another).
+fn temp_path(p: &Path) -> PathBuf {
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    p.with_extension(format!("tmp{}-{n}", std::process::id()))
+}
+
 fn io(e: std::io::Error, what: &Path) -> IndexError {
     IndexError::Other(format!("{}: {e}", what.display()))
 }
@@ -213,7 +221,7 @@ impl Endpoint {
         if p.exists() {
             return Ok(());
         }
-        let tmp = p.with_extension("tmp");
+        let tmp = temp_path(&p);
         std::fs::write(&tmp, data).map_err(|e| io(e, &tmp))?;
         std::fs::rename(&tmp, &p).map_err(|e| io(e, &p))
     }
@@ -253,7 +261,7 @@ impl Endpoint {
             ImageRef::Layout { dir, .. } => {
                 Self::ensure_layout(dir)?;
                 let p = Self::blob_path(dir, digest)?;
-                let tmp = p.with_extension(format!("tmp{}", std::process::id()));
+                let tmp = temp_path(&p);
                 let mut f = std::fs::File::create(&tmp).map_err(|e| io(e, &tmp))?;
                 let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
                 let mut s = stream;
