@@ -154,3 +154,97 @@ fn an_image_that_repeats_a_layer_converts_with_several_jobs() {
         assert_eq!(ztocs, 1, "{soci}");
     }
 }
+
+/// Converts `src` and returns the error `convert` printed (it must fail).
+fn convert_error(dir: &Path, src: &Path) -> String {
+    let out = convert(dir, src, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "converted: {stderr}");
+    stderr
+}
+
+#[test]
+fn oversized_layout_documents_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = Layout::new(tmp.path().join("src"));
+    let l = src.blob(MT_LAYER, &layer_blob(1, 1000));
+    let desc = src.image(std::slice::from_ref(&l));
+
+    // index.json of 5 MB (valid JSON: a long annotation).
+    let big = "x".repeat(5 << 20);
+    let index = json!({"schemaVersion": 2, "manifests": [desc], "annotations": {"pad": big}});
+    std::fs::write(
+        src.dir.join("index.json"),
+        serde_json::to_vec(&index).unwrap(),
+    )
+    .unwrap();
+    let err = convert_error(tmp.path(), &src.dir);
+    assert!(
+        err.contains("index.json: larger than the 4194304 bytes"),
+        "{err}"
+    );
+
+    // An image manifest of 5 MB.
+    let config = src.blob(MT_CONFIG, br#"{"architecture":"amd64","os":"linux"}"#);
+    src.manifest(&json!({
+        "schemaVersion": 2, "mediaType": MT_MANIFEST, "config": config, "layers": [l],
+        "annotations": {"pad": big},
+    }));
+    let err = convert_error(tmp.path(), &src.dir);
+    assert!(err.contains("larger than the 4194304 bytes"), "{err}");
+}
+
+#[test]
+fn descriptors_that_lie_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = Layout::new(tmp.path().join("src"));
+    let blob = layer_blob(1, 100_000);
+    let good = src.blob(MT_LAYER, &blob);
+
+    let mut short = good.clone();
+    short["size"] = json!(100);
+    src.image(&[short]);
+    let err = convert_error(tmp.path(), &src.dir);
+    assert!(
+        err.contains(&format!("is {} bytes, its descriptor says 100", blob.len())),
+        "{err}"
+    );
+
+    let mut text = good.clone();
+    text["mediaType"] = json!("text/plain");
+    src.image(&[text]);
+    let err = convert_error(tmp.path(), &src.dir);
+    assert!(
+        err.contains("media type \"text/plain\", not an image layer"),
+        "{err}"
+    );
+
+    let config = src.blob(
+        "application/vnd.example.not-a-config",
+        br#"{"architecture":"amd64","os":"linux"}"#,
+    );
+    src.manifest(&json!({
+        "schemaVersion": 2, "mediaType": MT_MANIFEST, "config": config, "layers": [good],
+    }));
+    let err = convert_error(tmp.path(), &src.dir);
+    assert!(err.contains("not an image config"), "{err}");
+
+    let mut config = src.blob(MT_CONFIG, br#"{"architecture":"amd64","os":"linux"}"#);
+    config["size"] = json!(5);
+    src.manifest(&json!({
+        "schemaVersion": 2, "mediaType": MT_MANIFEST, "config": config, "layers": [good],
+    }));
+    let err = convert_error(tmp.path(), &src.dir);
+    assert!(err.contains("its descriptor says 5"), "{err}");
+
+    // The manifest's own size in index.json.
+    let mut desc = src.image(&[good]);
+    desc["size"] = json!(7);
+    std::fs::write(
+        src.dir.join("index.json"),
+        serde_json::to_vec(&json!({"schemaVersion": 2, "manifests": [desc]})).unwrap(),
+    )
+    .unwrap();
+    let err = convert_error(tmp.path(), &src.dir);
+    assert!(err.contains("index.json says"), "{err}");
+}

@@ -205,6 +205,12 @@ async fn process_layer(
             layer.digest
         )));
     }
+    if feed_err.is_none() && done != layer.size {
+        feed_err = Some(IndexError::Manifest(format!(
+            "layer {} is {done} bytes, its descriptor says {}",
+            layer.digest, layer.size
+        )));
+    }
     if let Some(e) = &feed_err {
         // Make the upload fail rather than complete a wrong blob.
         let _ = utx.send(Err(FetchError::Integrity(e.to_string()))).await;
@@ -306,6 +312,57 @@ fn oci_media_type(mt: &str) -> String {
         "application/vnd.docker.image.rootfs.diff.tar" => MT_OCI_LAYER_TAR.into(),
         other => other.into(),
     }
+}
+
+/// Whether a media type is an image layer's (OCI or Docker; any compression, foreign or
+/// non-distributable layers included).
+fn is_layer_type(mt: &str) -> bool {
+    mt.starts_with("application/vnd.oci.image.layer.")
+        || mt.starts_with("application/vnd.docker.image.rootfs.")
+}
+
+/// Checks what the converted manifest will carry over from the source: the config's and the
+/// layers' media types, and the config's size (layers are sized as they stream).
+async fn check_image(src: &Endpoint, image: &Manifest) -> Result<(), IndexError> {
+    let config = &image.config;
+    if config.media_type != MT_OCI_CONFIG && config.media_type != MT_DOCKER_CONFIG {
+        return Err(IndexError::Manifest(format!(
+            "config {} has media type {:?}, not an image config",
+            config.digest, config.media_type
+        )));
+    }
+    for (i, l) in image.layers.iter().enumerate() {
+        if !is_layer_type(&l.media_type) {
+            return Err(IndexError::Manifest(format!(
+                "layer {i} ({}) has media type {:?}, not an image layer",
+                l.digest, l.media_type
+            )));
+        }
+    }
+    let max = crate::fetch::registry::MAX_MANIFEST_BYTES as u64;
+    if config.size > max {
+        return Err(IndexError::Manifest(format!(
+            "config {} of {} bytes is larger than the {max} accepted",
+            config.digest, config.size
+        )));
+    }
+    let mut stream = src.blob_stream(&config.digest).await?;
+    let mut size = 0u64;
+    while let Some(c) = stream.next().await {
+        size += c?.len() as u64;
+        if size > config.size {
+            break;
+        }
+    }
+    if size != config.size {
+        return Err(IndexError::Manifest(format!(
+            "config {} is {}{size} bytes, its descriptor says {}",
+            config.digest,
+            if size > config.size { "over " } else { "" },
+            config.size
+        )));
+    }
+    Ok(())
 }
 
 /// zTOCs for the image's eligible layers; copies config and layers to `dst` when `copy`.
@@ -538,6 +595,14 @@ async fn platform_manifests(
 /// the new index can list it unchanged.
 async fn carry_over(src: &Endpoint, dst: &Endpoint, d: &Descriptor) -> Result<(), IndexError> {
     let (data, _, _) = src.manifest(Some(&d.digest)).await?;
+    if data.len() as u64 != d.size {
+        return Err(IndexError::Manifest(format!(
+            "manifest {} is {} bytes, its descriptor says {}",
+            d.digest,
+            data.len(),
+            d.size
+        )));
+    }
     let m = parse_manifest(&data)?;
     dst.copy_blob_from(src, &m.config.digest).await?;
     for l in &m.layers {
@@ -577,6 +642,7 @@ pub async fn convert(
     }
     for (platform, data, _) in selected {
         let mut image = parse_manifest(&data)?;
+        check_image(src, &image).await?;
         let layers = index_layers(src, dst, &image, opts, true, progress).await?;
         let (ztocs, blobs) = push_ztocs(dst, &layers).await?;
         let index = soci_index(IndexKind::V2, ztocs.clone(), None);
