@@ -99,6 +99,7 @@ impl Cli {
                 let config = ctx.config()?;
                 // Building the backends validates every option, so `show` reports mistakes.
                 ctx.backends.build_fetchers(&config)?;
+                ctx.backends.check_cache(&config)?;
                 print_out(&config.to_toml())
             }
             Command::Blob(cmd) => cmd.run(&ctx),
