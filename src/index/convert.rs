@@ -287,10 +287,13 @@ pub fn prefetch_artifact(z: &Ztoc, files: &[String]) -> Option<Vec<u8>> {
     let mut ranges = Vec::new();
     for (priority, f) in files.iter().enumerate() {
         let want = norm(f.as_bytes());
+        // The last copy of a name listed twice is the file (tar semantics).
         let found = z
             .entries
             .iter()
-            .find(|e| e.kind == crate::ztoc::EntryType::Reg && e.size > 0 && norm(&e.name) == want);
+            .rev()
+            .find(|e| norm(&e.name) == want)
+            .filter(|e| e.kind == crate::ztoc::EntryType::Reg && e.size > 0);
         if let Some(e) = found {
             ranges.push(serde_json::json!({
                 "start_span": z.span_for_offset(e.offset),

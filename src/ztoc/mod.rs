@@ -522,35 +522,49 @@ impl Ztoc {
         Ok(())
     }
 
-    /// The entry with this name (normalized: `./a`, `a` and `/a` are the same).
+    /// The entry with this name (normalized: `./a`, `a` and `/a` are the same). A name listed
+    /// more than once is its last copy, as extracting the tar (and the store's tree) leaves it.
     pub fn find(&self, name: &[u8]) -> Option<usize> {
-        let want = path::normalize(name);
-        self.entries
-            .iter()
-            .position(|e| path::normalize(&e.name) == want)
+        self.find_before(name, self.entries.len())
     }
 
-    /// Follows hardlinks to the entry that holds the data.
+    /// The last entry with this name among the first `end` entries.
+    fn find_before(&self, name: &[u8], end: usize) -> Option<usize> {
+        let want = path::normalize(name);
+        self.entries[..end.min(self.entries.len())]
+            .iter()
+            .rposition(|e| path::normalize(&e.name) == want)
+    }
+
+    /// Follows hardlinks to the entry that holds the data. A hardlink names the file as it was
+    /// when the link was extracted: the last copy of its target listed before it.
     pub fn resolve_hardlink(&self, i: usize) -> Result<usize, ZtocError> {
         let mut cur = i;
-        // A chain longer than the table means a cycle.
-        for _ in 0..=self.entries.len() {
+        // Each step goes to an earlier entry, so the chain ends.
+        loop {
             let e = &self.entries[cur];
             if e.kind != EntryType::Hardlink {
                 return Ok(cur);
             }
-            cur = self.find(&e.linkname).ok_or_else(|| {
-                ZtocError::NotFound(format!(
-                    "hardlink {} points at missing {}",
-                    e.display_name(),
-                    String::from_utf8_lossy(&e.linkname)
-                ))
-            })?;
+            cur = match self.find_before(&e.linkname, cur) {
+                Some(target) => target,
+                // Itself or a later entry: nothing an extraction could link to.
+                None if self.find(&e.linkname).is_some() => {
+                    return Err(ZtocError::Invalid(format!(
+                        "hardlink {} points at {}, which is not listed before it",
+                        e.display_name(),
+                        String::from_utf8_lossy(&e.linkname)
+                    )))
+                }
+                None => {
+                    return Err(ZtocError::NotFound(format!(
+                        "hardlink {} points at missing {}",
+                        e.display_name(),
+                        String::from_utf8_lossy(&e.linkname)
+                    )))
+                }
+            };
         }
-        Err(ZtocError::Invalid(format!(
-            "hardlink cycle at {}",
-            self.entries[i].display_name()
-        )))
     }
 
     /// Whether every checkpoint window is in the zTOC (as after building or decoding a zTOC).
