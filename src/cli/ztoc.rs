@@ -72,7 +72,13 @@ fn load(path: &Path) -> Result<(Vec<u8>, Ztoc)> {
             .get(&name)?
             .with_context(|| format!("{name} is not in the artifact store {}", dir.display()))?
     } else {
-        std::fs::read(path).with_context(|| format!("reading {}", path.display()))?
+        // Never more than a zTOC may be: the decoder refuses the rest anyway.
+        use std::io::Read;
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(ztoc::MAX_ZTOC_BYTES + 1).read_to_end(&mut bytes))
+            .with_context(|| format!("reading {}", path.display()))?;
+        bytes
     };
     let z = format::decode(&bytes).with_context(|| format!("loading {}", path.display()))?;
     Ok((bytes, z))
