@@ -32,11 +32,17 @@ pub fn parse_options<T: DeserializeOwned>(opts: &Options) -> anyhow::Result<T> {
     Ok(toml::Value::Table(opts.clone()).try_into::<T>()?)
 }
 
+/// Checks a backend's options without making it (no directories created, nothing opened).
+type OptionsCheck = fn(&Options) -> anyhow::Result<()>;
+
 /// The known backends by name.
 #[derive(Default)]
 pub struct BackendRegistry {
     fetchers: BTreeMap<String, FetcherFactory>,
     caches: BTreeMap<String, CacheFactory>,
+    /// Side-effect-free option checks of the built-in caches (dropped when a factory of the
+    /// same name is registered over one).
+    cache_checks: BTreeMap<String, OptionsCheck>,
 }
 
 impl std::fmt::Debug for BackendRegistry {
@@ -117,6 +123,9 @@ impl BackendRegistry {
             let opts: LocalOptions = parse_options(o)?;
             Ok(Arc::new(LocalFetcher::new(opts.path)?))
         });
+        fn check<T: DeserializeOwned>(o: &Options) -> anyhow::Result<()> {
+            parse_options::<T>(o).map(drop)
+        }
         r.register_cache("memory", |o| {
             let opts: MemoryOptions = parse_options(o)?;
             Ok(Arc::new(MemoryCache::new(opts.max_bytes)))
@@ -132,6 +141,11 @@ impl BackendRegistry {
                 DiskCache::open(&opts.path, opts.disk_bytes)?,
             )))
         });
+        r.cache_checks
+            .insert("memory".into(), check::<MemoryOptions>);
+        r.cache_checks.insert("disk".into(), check::<DiskOptions>);
+        r.cache_checks
+            .insert("tiered".into(), check::<TieredOptions>);
         r
     }
 
@@ -149,6 +163,7 @@ impl BackendRegistry {
         factory: impl Fn(&Options) -> anyhow::Result<Arc<dyn SpanCache>> + Send + Sync + 'static,
     ) {
         self.caches.insert(name.to_string(), Box::new(factory));
+        self.cache_checks.remove(name);
     }
 
     pub fn fetcher_types(&self) -> Vec<&str> {
@@ -194,6 +209,24 @@ impl BackendRegistry {
             ));
         }
         Ok(FetcherChain::new(out))
+    }
+
+    /// Checks the `[cache]` table without making the cache: its type is known and, for the
+    /// built-in caches, its options parse (a plugin's cache options are checked when it is made).
+    pub fn check_cache(&self, config: &Config) -> Result<(), ConfigError> {
+        let b = &config.cache;
+        if !self.caches.contains_key(&b.kind) {
+            return Err(ConfigError::Invalid(format!(
+                "cache: unknown cache type {:?} (known types: {})",
+                b.kind,
+                self.cache_types().join(", ")
+            )));
+        }
+        match self.cache_checks.get(&b.kind) {
+            Some(check) => check(&b.options)
+                .map_err(|e| ConfigError::Invalid(format!("cache (type {:?}): {e:#}", b.kind))),
+            None => Ok(()),
+        }
     }
 
     /// The configured cache.

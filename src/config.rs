@@ -111,10 +111,37 @@ impl Config {
             None => {}
         }
         fig = fig.merge(Env::prefixed("SOCI_STORE_").ignore(&["log"]).split("__"));
-        fig.extract().map_err(|e| {
+        let config: Config = fig.extract().map_err(|e| {
             let msgs: Vec<String> = e.into_iter().map(|e| e.to_string()).collect();
             ConfigError::Invalid(msgs.join("; "))
-        })
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what the types alone do not: paths that are not empty, a `host:port` metrics
+    /// address. Backend options are checked by the backends (`BackendRegistry`).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        for (key, path) in [
+            ("artifacts", &self.artifacts),
+            ("state_dir", &self.state_dir),
+        ] {
+            if path.as_os_str().is_empty() {
+                return invalid(format!("{key}: must be a directory, not empty"));
+            }
+        }
+        if let Some(addr) = &self.metrics_address {
+            let port = addr
+                .rsplit_once(':')
+                .map(|(host, port)| (host, port.parse::<u16>()));
+            if !matches!(port, Some((host, Ok(_))) if !host.is_empty()) {
+                return invalid(format!(
+                    "metrics_address: {addr:?} is not host:port (e.g. \"127.0.0.1:9300\")"
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The configuration as TOML.

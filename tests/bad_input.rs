@@ -298,3 +298,19 @@ fn header_verification_catches_a_wrong_entry() {
     assert!(matches!(err, ZtocError::HeaderMismatch { .. }), "{err}");
     assert!(err.to_string().contains("name"), "{err}");
 }
+
+#[test]
+fn a_name_listed_twice_reads_as_its_last_copy() {
+    // As extraction (and the store's tree) leaves it: the last copy wins; `ztoc get-file`
+    // finds entries with `Ztoc::find`.
+    let mut t = TarWriter::new();
+    t.file("./etc/twice", b"first\n");
+    t.file("./etc/other", b"other\n");
+    t.file("etc/twice", b"second\n");
+    let blob = gzip(&t.finish().0, 6, 1);
+    let z = Arc::new(build(&blob).unwrap());
+    let i = z.find(b"/etc/twice").unwrap();
+    assert_eq!(i, 2);
+    let reader = LayerReader::new(z, blob);
+    assert_eq!(reader.read_file(i).unwrap(), b"second\n");
+}

@@ -74,8 +74,15 @@ fn decode(mut file: Vec<u8>) -> Option<Bytes> {
 impl DiskCache {
     /// Opens (creating) a cache directory holding at most `capacity` bytes of span data, and
     /// indexes what an earlier run left there.
+    /// Errors name the cache directory.
     pub fn open(root: impl Into<PathBuf>, capacity: u64) -> std::io::Result<Self> {
         let root = root.into();
+        Self::open_at(root.clone(), capacity).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("disk cache {}: {e}", root.display()))
+        })
+    }
+
+    fn open_at(root: PathBuf, capacity: u64) -> std::io::Result<Self> {
         std::fs::create_dir_all(root.join("spans"))?;
         let tmp = root.join("tmp");
         // Leftovers of writes interrupted by a crash.
@@ -240,7 +247,11 @@ impl SpanCache for DiskCache {
             return;
         }
         if let Err(e) = self.write(key, &data) {
-            tracing::warn!(?key, "disk cache write failed: {e}");
+            tracing::warn!(
+                ?key,
+                "disk cache write in {} failed: {e}",
+                self.root.display()
+            );
             return;
         }
         {

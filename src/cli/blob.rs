@@ -38,6 +38,9 @@ fn parse_range(s: &str) -> Result<std::ops::Range<u64>> {
     Ok(a..b)
 }
 
+/// Bytes per read: what `blob get` holds in memory at once, whatever range it was asked for.
+const STEP: u64 = 8 << 20;
+
 impl BlobCommand {
     pub fn run(self, ctx: &CliContext) -> Result<()> {
         let BlobCommand::Get {
@@ -51,41 +54,56 @@ impl BlobCommand {
             .clone()
             .context("the blob must be named by digest (…@sha256:…)")?;
         let loc = BlobLocator::new(reference, digest.clone());
+        let range = range.as_deref().map(parse_range).transpose()?;
         let chain = ctx.backends.build_fetchers(&ctx.config()?)?;
         let rt = ctx.runtime()?;
         let mut sink: Box<dyn Write> = match &output {
-            Some(p) => Box::new(
+            Some(p) => Box::new(std::io::BufWriter::new(
                 std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
-            ),
-            None => Box::new(std::io::stdout().lock()),
+            )),
+            None => Box::new(super::stdout()),
         };
-        rt.block_on(async {
-            if let Some(r) = range {
-                let data = chain.read_range(&loc, parse_range(&r)?).await?;
-                sink.write_all(&data)?;
-                return Ok(());
-            }
+        let result = rt.block_on(async {
             let size = chain.blob_size(&loc).await?;
+            // Like an HTTP range, a range ending past the blob ends with the blob.
+            let want = match &range {
+                Some(r) if r.start > size || (r.start == size && r.end > r.start) => {
+                    bail!(
+                        "range {}-{} starts past the end of the {size}-byte blob",
+                        r.start,
+                        r.end
+                    )
+                }
+                Some(r) => r.start..r.end.min(size),
+                None => 0..size,
+            };
+            // Streamed a step at a time: memory stays bounded however large the range.
             let mut hasher = Sha256::new();
-            let step = 8u64 << 20;
-            let mut off = 0;
-            while off < size {
-                let end = (off + step).min(size);
+            let mut off = want.start;
+            while off < want.end {
+                let end = off.saturating_add(STEP).min(want.end);
                 let data = chain.read_range(&loc, off..end).await?;
-                hasher.update(&data);
+                if range.is_none() {
+                    hasher.update(&data);
+                }
                 sink.write_all(&data)?;
                 off = end;
             }
-            let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
-            if actual != digest {
-                if let Some(p) = &output {
-                    let _ = std::fs::remove_file(p);
+            if range.is_none() {
+                let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
+                if actual != digest {
+                    bail!("blob content has digest {actual}, expected {digest}");
                 }
-                bail!("blob content has digest {actual}, expected {digest}");
             }
             sink.flush()?;
             Ok(())
-        })
+        });
+        if result.is_err() {
+            if let Some(p) = &output {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        result
     }
 }
 
@@ -133,8 +151,9 @@ impl MirrorArgs {
         let client = Arc::new(RegistryClient::new(registry_options(ctx)?)?);
         let rt = ctx.runtime()?;
         let (copied, skipped, bytes) = rt.block_on(mirror(&client, &s3, &image))?;
-        println!("{image}: copied {copied} blobs ({bytes} bytes), {skipped} already there");
-        Ok(())
+        super::print_out(&format!(
+            "{image}: copied {copied} blobs ({bytes} bytes), {skipped} already there\n"
+        ))
     }
 }
 

@@ -4,7 +4,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 
 use super::{parse_size, CliContext};
 use crate::fetch::registry::{RegistryClient, RegistryOptions};
@@ -61,6 +61,13 @@ impl BuildArgs {
                     .collect::<Result<_, _>>()?,
             )
         };
+        if self.span_size == 0 || self.span_size > crate::ztoc::MAX_BUILD_SPAN_SIZE {
+            anyhow::bail!(
+                "--span-size {}: must be between 1 and {} bytes (spans are read whole)",
+                self.span_size,
+                crate::ztoc::MAX_BUILD_SPAN_SIZE
+            );
+        }
         Ok(ConvertOptions {
             span_size: self.span_size,
             min_layer_size: self.min_layer_size,
@@ -212,23 +219,26 @@ fn store(ctx: &CliContext) -> Result<ArtifactStore> {
 }
 
 fn print_report(report: &convert::ConvertReport, build: &BuildArgs, what: &str) -> Result<()> {
+    let mut out = super::stdout();
     if build.json {
-        println!("{}", serde_json::to_string_pretty(report)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(report)?)?;
     } else if !build.quiet {
         for p in &report.platforms {
             let indexed = p.layers.iter().filter(|l| l.ztoc.is_some()).count();
-            println!(
+            writeln!(
+                out,
                 "{}: image manifest {}, SOCI index {} ({indexed} of {} layers indexed)",
                 p.platform,
                 p.image_manifest,
                 p.soci_index,
                 p.layers.len()
-            );
+            )?;
         }
         if let Some(i) = &report.index {
-            println!("{what} {i}");
+            writeln!(out, "{what} {i}")?;
         }
     }
+    out.flush()?;
     Ok(())
 }
 
@@ -279,16 +289,20 @@ impl IndexCommand {
         match self {
             IndexCommand::Ls => {
                 let store = store(ctx)?;
-                println!(
+                let mut out = super::stdout();
+                writeln!(
+                    out,
                     "{:<73} {:<3} {:<7} {:>5} {:<12} IMAGE",
                     "INDEX", "V", "ORIGIN", "ZTOCS", "PLATFORM"
-                );
+                )?;
                 for r in store.indexes()? {
-                    println!(
+                    writeln!(
+                        out,
                         "{:<73} {:<3} {:<7} {:>5} {:<12} {}",
                         r.digest, r.kind, r.origin, r.ztocs, r.platform, r.image
-                    );
+                    )?;
                 }
+                out.flush()?;
                 Ok(())
             }
             IndexCommand::Info { digest } => {
@@ -303,8 +317,7 @@ impl IndexCommand {
                         rec.kind, rec.image, rec.platform, rec.image_manifest
                     );
                 }
-                println!("{}", serde_json::to_string_pretty(&v)?);
-                Ok(())
+                super::print_out(&format!("{}\n", serde_json::to_string_pretty(&v)?))
             }
             IndexCommand::Discover { image, platform } => {
                 let client = client(ctx)?;
@@ -321,15 +334,14 @@ impl IndexCommand {
                     Some(d) => {
                         let count =
                             |mt: &str| d.index.layers.iter().filter(|l| l.media_type == mt).count();
-                        println!(
-                            "{} {:?} index for image manifest {} ({} zTOCs, {} prefetch artifacts)",
+                        super::print_out(&format!(
+                            "{} {:?} index for image manifest {} ({} zTOCs, {} prefetch artifacts)\n",
                             d.index_digest,
                             d.kind,
                             d.image_manifest_digest,
                             count(crate::index::MT_ZTOC),
                             count(crate::index::MT_SOCI_PREFETCH),
-                        );
-                        Ok(())
+                        ))
                     }
                     None => anyhow::bail!("{r} has no SOCI index (it is pulled normally)"),
                 }

@@ -99,8 +99,8 @@ impl Cli {
                 let config = ctx.config()?;
                 // Building the backends validates every option, so `show` reports mistakes.
                 ctx.backends.build_fetchers(&config)?;
-                print!("{}", config.to_toml());
-                Ok(())
+                ctx.backends.check_cache(&config)?;
+                print_out(&config.to_toml())
             }
             Command::Blob(cmd) => cmd.run(&ctx),
             Command::Mirror(args) => args.run(&ctx),
@@ -130,19 +130,92 @@ pub fn main_with(backends: BackendRegistry) -> ExitCode {
         Command::Serve(_) | Command::HoldFuse { .. } => "info,fuser=error",
         _ => "warn,fuser=error",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("SOCI_STORE_LOG").unwrap_or_else(|_| default.into()),
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    let filter = EnvFilter::try_from_env("SOCI_STORE_LOG").unwrap_or_else(|_| default.into());
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_filter(QuietFuseReplies),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.run_with(backends) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if ended_by_closed_stdout(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("soci-store: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Drops fuser's `Failed to send FUSE reply: No such file or directory` errors. The kernel
+/// answers ENOENT to a reply for a request it no longer waits for, and nothing is wrong then:
+/// fuser answers every FUSE_INTERRUPT (ENOSYS) and the interrupted request has usually been
+/// answered already — Go programs such as podman get a SIGURG every few milliseconds, and each
+/// one that lands during a FUSE request makes an interrupt — or the process that asked was killed.
+/// Other reply failures are still logged.
+struct QuietFuseReplies;
+
+impl QuietFuseReplies {
+    fn is_quiet(event: &tracing::Event<'_>) -> bool {
+        /// The message, and the target of a `log` record (fuser logs through `log`; such
+        /// records arrive with target `log` and the real one in a field).
+        #[derive(Default)]
+        struct Fields {
+            message: String,
+            log_target: Option<String>,
+        }
+        impl tracing::field::Visit for Fields {
+            fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+                match field.name() {
+                    "log.target" => self.log_target = Some(value.to_string()),
+                    "message" => self.message = value.to_string(),
+                    _ => {}
+                }
+            }
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.message = format!("{value:?}");
+                }
+            }
+        }
+        let target = event.metadata().target();
+        if target != "log" && !target.starts_with("fuser") {
+            return false;
+        }
+        let mut f = Fields::default();
+        event.record(&mut f);
+        let from_fuser = f
+            .log_target
+            .as_deref()
+            .unwrap_or(target)
+            .starts_with("fuser");
+        from_fuser
+            && f.message.starts_with("Failed to send FUSE reply")
+            && f.message.contains("(os error 2)")
+    }
+}
+
+impl<S> tracing_subscriber::layer::Filter<S> for QuietFuseReplies {
+    fn enabled(
+        &self,
+        _: &tracing::Metadata<'_>,
+        _: &tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        true
+    }
+
+    fn event_enabled(
+        &self,
+        event: &tracing::Event<'_>,
+        _: &tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        !Self::is_quiet(event)
     }
 }
 
@@ -167,16 +240,121 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 /// Writes `text` to stdout; a reader that went away (EPIPE, as with `| head`) is a normal end.
 pub(crate) fn print_out(text: &str) -> anyhow::Result<()> {
     use std::io::Write;
-    let mut out = std::io::stdout().lock();
+    let mut out = stdout();
     match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) if is_stdout_closed(&e) => Ok(()),
         other => Ok(other?),
+    }
+}
+
+/// Standard output was closed by its reader (EPIPE, as with `| head`).
+#[derive(Debug, thiserror::Error)]
+#[error("standard output was closed")]
+pub(crate) struct StdoutClosed;
+
+fn is_stdout_closed(e: &std::io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<StdoutClosed>())
+}
+
+/// Whether an error is (or was caused by) [`StdoutClosed`].
+fn ended_by_closed_stdout(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.is::<StdoutClosed>()
+            || c.downcast_ref::<std::io::Error>()
+                .is_some_and(is_stdout_closed)
+    })
+}
+
+/// Buffered standard output for what commands print. Unlike `println!` it never panics: write
+/// errors are returned, and a reader that went away comes back as [`StdoutClosed`], which ends
+/// the program quietly and successfully (a network EPIPE stays an ordinary error).
+pub(crate) struct Out(std::io::BufWriter<std::io::StdoutLock<'static>>);
+
+pub(crate) fn stdout() -> Out {
+    Out(std::io::BufWriter::new(std::io::stdout().lock()))
+}
+
+fn mark_closed(e: std::io::Error) -> std::io::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::io::Error::new(std::io::ErrorKind::BrokenPipe, StdoutClosed)
+    } else {
+        e
+    }
+}
+
+impl std::io::Write for Out {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf).map_err(mark_closed)
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        self.0.write_all(buf).map_err(mark_closed)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush().map_err(mark_closed)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::parse_size;
+
+    #[test]
+    fn only_replies_the_kernel_no_longer_waits_for_are_quiet() {
+        use std::sync::{Arc, Mutex};
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::Layer;
+
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::registry().with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(move || writer.clone())
+                .with_filter(super::QuietFuseReplies),
+        );
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::error!(
+                target: "fuser::reply",
+                "Failed to send FUSE reply: No such file or directory (os error 2)"
+            );
+            // As a `log` record of fuser arrives (tracing-log).
+            tracing::event!(
+                target: "log",
+                tracing::Level::ERROR,
+                { log.target = "fuser::reply" },
+                "Failed to send FUSE reply: No such file or directory (os error 2)"
+            );
+            tracing::error!(target: "fuser::reply", "Failed to send FUSE reply: Bad address (os error 14)");
+            tracing::error!("No such file or directory (os error 2)");
+            tracing::event!(
+                target: "log",
+                tracing::Level::ERROR,
+                { log.target = "other" },
+                "Failed to send FUSE reply: No such file or directory (os error 2)"
+            );
+        });
+        let out = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(out.lines().count(), 3, "{out}");
+        assert!(out.contains("Bad address"), "{out}");
+        assert_eq!(
+            out.matches("Failed to send FUSE reply: No such file")
+                .count(),
+            1,
+            "only the one from another target: {out}"
+        );
+    }
 
     #[test]
     fn sizes() {

@@ -72,7 +72,13 @@ fn load(path: &Path) -> Result<(Vec<u8>, Ztoc)> {
             .get(&name)?
             .with_context(|| format!("{name} is not in the artifact store {}", dir.display()))?
     } else {
-        std::fs::read(path).with_context(|| format!("reading {}", path.display()))?
+        // Never more than a zTOC may be: the decoder refuses the rest anyway.
+        use std::io::Read;
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(ztoc::MAX_ZTOC_BYTES + 1).read_to_end(&mut bytes))
+            .with_context(|| format!("reading {}", path.display()))?;
+        bytes
     };
     let z = format::decode(&bytes).with_context(|| format!("loading {}", path.display()))?;
     Ok((bytes, z))
@@ -145,13 +151,16 @@ fn build(layer: &Path, output: &Path, span_size: u64, min_layer_size: u64) -> Re
     }
     let bytes = format::encode(&z)?;
     write_atomic(output, &bytes)?;
-    println!(
+    let mut out = super::stdout();
+    writeln!(
+        out,
         "{} {} entries, {} spans, {} bytes",
         Ztoc::digest_of(&bytes),
         z.entries.len(),
         z.span_count(),
         bytes.len()
-    );
+    )?;
+    out.flush()?;
     Ok(())
 }
 
@@ -165,6 +174,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 fn info(path: &Path, json: bool) -> Result<()> {
     let (bytes, z) = load(path)?;
+    let mut out = super::stdout();
     let (algo, checkpoints) = match &z.compression {
         Compression::Gzip { checkpoints } => ("gzip", checkpoints.len()),
         Compression::Uncompressed { .. } => ("uncompressed", 0),
@@ -199,34 +209,42 @@ fn info(path: &Path, json: bool) -> Result<()> {
             "entries": z.entries.len(),
             "regular_files": files,
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+        out.flush()?;
         return Ok(());
     }
-    println!("digest:            {}", Ztoc::digest_of(&bytes));
-    println!("size:              {} bytes", bytes.len());
-    println!("version:           {}", String::from_utf8_lossy(&z.version));
-    println!(
+    writeln!(out, "digest:            {}", Ztoc::digest_of(&bytes))?;
+    writeln!(out, "size:              {} bytes", bytes.len())?;
+    writeln!(
+        out,
+        "version:           {}",
+        String::from_utf8_lossy(&z.version)
+    )?;
+    writeln!(
+        out,
         "build tool:        {}",
         String::from_utf8_lossy(&z.build_tool)
-    );
-    println!("compression:       {algo}");
-    println!("compressed size:   {}", z.compressed_size);
-    println!("uncompressed size: {}", z.uncompressed_size);
-    println!("span size:         {}", z.span_size);
-    println!("spans:             {}", z.span_count());
+    )?;
+    writeln!(out, "compression:       {algo}")?;
+    writeln!(out, "compressed size:   {}", z.compressed_size)?;
+    writeln!(out, "uncompressed size: {}", z.uncompressed_size)?;
+    writeln!(out, "span size:         {}", z.span_size)?;
+    writeln!(out, "spans:             {}", z.span_count())?;
     if algo == "gzip" {
-        println!("checkpoints:       {checkpoints}");
+        writeln!(out, "checkpoints:       {checkpoints}")?;
     }
-    println!(
+    writeln!(
+        out,
         "entries:           {} ({files} regular files)",
         z.entries.len()
-    );
+    )?;
+    out.flush()?;
     Ok(())
 }
 
 fn ls(path: &Path) -> Result<()> {
     let (_, z) = load(path)?;
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut out = super::stdout();
     for e in &z.entries {
         write!(
             out,
@@ -264,7 +282,7 @@ fn get_file(ztoc_path: &Path, layer: &Path, name: &Path, output: Option<&Path>) 
         Some(p) => Box::new(std::io::BufWriter::new(
             std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
         )),
-        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+        None => Box::new(super::stdout()),
     };
     let mut buf = vec![0u8; 1 << 20];
     let mut off = 0u64;
@@ -283,21 +301,24 @@ fn get_file(ztoc_path: &Path, layer: &Path, name: &Path, output: Option<&Path>) 
 fn verify(ztoc_path: &Path, layer: &Path, json: bool) -> Result<()> {
     let (_, z) = load(ztoc_path)?;
     let report = verify::verify_layer(Arc::new(z), layer)?;
+    let mut out = super::stdout();
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
     } else {
         for p in &report.problems {
-            println!("FAIL {p}");
+            writeln!(out, "FAIL {p}")?;
         }
-        println!(
+        writeln!(
+            out,
             "{}: {} spans, {} files, {} hardlinks checked, {} problems",
             if report.ok() { "ok" } else { "FAILED" },
             report.spans,
             report.files,
             report.hardlinks,
             report.problems.len()
-        );
+        )?;
     }
+    out.flush()?;
     if !report.ok() {
         bail!("the layer does not match its zTOC");
     }

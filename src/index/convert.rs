@@ -205,6 +205,12 @@ async fn process_layer(
             layer.digest
         )));
     }
+    if feed_err.is_none() && done != layer.size {
+        feed_err = Some(IndexError::Manifest(format!(
+            "layer {} is {done} bytes, its descriptor says {}",
+            layer.digest, layer.size
+        )));
+    }
     if let Some(e) = &feed_err {
         // Make the upload fail rather than complete a wrong blob.
         let _ = utx.send(Err(FetchError::Integrity(e.to_string()))).await;
@@ -281,10 +287,13 @@ pub fn prefetch_artifact(z: &Ztoc, files: &[String]) -> Option<Vec<u8>> {
     let mut ranges = Vec::new();
     for (priority, f) in files.iter().enumerate() {
         let want = norm(f.as_bytes());
+        // The last copy of a name listed twice is the file (tar semantics).
         let found = z
             .entries
             .iter()
-            .find(|e| e.kind == crate::ztoc::EntryType::Reg && e.size > 0 && norm(&e.name) == want);
+            .rev()
+            .find(|e| norm(&e.name) == want)
+            .filter(|e| e.kind == crate::ztoc::EntryType::Reg && e.size > 0);
         if let Some(e) = found {
             ranges.push(serde_json::json!({
                 "start_span": z.span_for_offset(e.offset),
@@ -308,6 +317,57 @@ fn oci_media_type(mt: &str) -> String {
     }
 }
 
+/// Whether a media type is an image layer's (OCI or Docker; any compression, foreign or
+/// non-distributable layers included).
+fn is_layer_type(mt: &str) -> bool {
+    mt.starts_with("application/vnd.oci.image.layer.")
+        || mt.starts_with("application/vnd.docker.image.rootfs.")
+}
+
+/// Checks what the converted manifest will carry over from the source: the config's and the
+/// layers' media types, and the config's size (layers are sized as they stream).
+async fn check_image(src: &Endpoint, image: &Manifest) -> Result<(), IndexError> {
+    let config = &image.config;
+    if config.media_type != MT_OCI_CONFIG && config.media_type != MT_DOCKER_CONFIG {
+        return Err(IndexError::Manifest(format!(
+            "config {} has media type {:?}, not an image config",
+            config.digest, config.media_type
+        )));
+    }
+    for (i, l) in image.layers.iter().enumerate() {
+        if !is_layer_type(&l.media_type) {
+            return Err(IndexError::Manifest(format!(
+                "layer {i} ({}) has media type {:?}, not an image layer",
+                l.digest, l.media_type
+            )));
+        }
+    }
+    let max = crate::fetch::registry::MAX_MANIFEST_BYTES as u64;
+    if config.size > max {
+        return Err(IndexError::Manifest(format!(
+            "config {} of {} bytes is larger than the {max} accepted",
+            config.digest, config.size
+        )));
+    }
+    let mut stream = src.blob_stream(&config.digest).await?;
+    let mut size = 0u64;
+    while let Some(c) = stream.next().await {
+        size += c?.len() as u64;
+        if size > config.size {
+            break;
+        }
+    }
+    if size != config.size {
+        return Err(IndexError::Manifest(format!(
+            "config {} is {}{size} bytes, its descriptor says {}",
+            config.digest,
+            if size > config.size { "over " } else { "" },
+            config.size
+        )));
+    }
+    Ok(())
+}
+
 /// zTOCs for the image's eligible layers; copies config and layers to `dst` when `copy`.
 async fn index_layers(
     src: &Endpoint,
@@ -325,7 +385,15 @@ async fn index_layers(
         min_layer_size: opts.min_layer_size,
         ..Default::default()
     };
-    let jobs = image.layers.iter().map(|layer| {
+    // Images repeat layers (empty layers, identical steps): each distinct layer is copied and
+    // indexed once, its later places get its report (and no second set of artifacts).
+    let mut distinct: Vec<&Descriptor> = Vec::new();
+    for layer in &image.layers {
+        if !distinct.iter().any(|d| d.digest == layer.digest) {
+            distinct.push(layer);
+        }
+    }
+    let jobs = distinct.iter().map(|&layer| {
         let build_opts = build_opts.clone();
         async move {
             progress.layer_started(&layer.digest, layer.size);
@@ -398,7 +466,30 @@ async fn index_layers(
         .buffered(opts.concurrency.max(1))
         .collect()
         .await;
-    results.into_iter().collect()
+    let mut built = results
+        .into_iter()
+        .map(|r| r.map(Some))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut out = Vec::with_capacity(image.layers.len());
+    for (i, layer) in image.layers.iter().enumerate() {
+        let first = image
+            .layers
+            .iter()
+            .position(|l| l.digest == layer.digest)
+            .expect("the layer itself");
+        if first == i {
+            let at = distinct
+                .iter()
+                .position(|d| d.digest == layer.digest)
+                .expect("listed");
+            out.push(built[at].take().expect("each distinct layer once"));
+        } else {
+            let report = out[first].0.clone();
+            let note = format!("same layer as layer {first}");
+            out.push((LayerReport { note, ..report }, Vec::new()));
+        }
+    }
+    Ok(out)
 }
 
 fn note_push(note: &mut String, what: &str) {
@@ -507,6 +598,14 @@ async fn platform_manifests(
 /// the new index can list it unchanged.
 async fn carry_over(src: &Endpoint, dst: &Endpoint, d: &Descriptor) -> Result<(), IndexError> {
     let (data, _, _) = src.manifest(Some(&d.digest)).await?;
+    if data.len() as u64 != d.size {
+        return Err(IndexError::Manifest(format!(
+            "manifest {} is {} bytes, its descriptor says {}",
+            d.digest,
+            data.len(),
+            d.size
+        )));
+    }
     let m = parse_manifest(&data)?;
     dst.copy_blob_from(src, &m.config.digest).await?;
     for l in &m.layers {
@@ -546,6 +645,7 @@ pub async fn convert(
     }
     for (platform, data, _) in selected {
         let mut image = parse_manifest(&data)?;
+        check_image(src, &image).await?;
         let layers = index_layers(src, dst, &image, opts, true, progress).await?;
         let (ztocs, blobs) = push_ztocs(dst, &layers).await?;
         let index = soci_index(IndexKind::V2, ztocs.clone(), None);

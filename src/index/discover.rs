@@ -16,8 +16,9 @@ use crate::fetch::{BlobLocator, FetchError};
 use crate::reference::Reference;
 use crate::ztoc::{format, Ztoc};
 
-/// Largest zTOC fetched (a 100 GiB layer at 4 MiB spans needs about 1 GiB).
-pub const MAX_ZTOC_BYTES: u64 = 1 << 30;
+/// Largest zTOC fetched (a 100 GiB layer at 4 MiB spans needs about 1 GiB): what the zTOC
+/// decoder accepts.
+pub const MAX_ZTOC_BYTES: u64 = crate::ztoc::MAX_ZTOC_BYTES;
 
 /// Which flow made the index.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

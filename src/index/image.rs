@@ -70,6 +70,32 @@ pub enum Copied {
     Uploaded,
 }
 
+/// Reads a manifest, index or `index.json` of a layout: at most
+/// [`MAX_MANIFEST_BYTES`](crate::fetch::registry::MAX_MANIFEST_BYTES), as registries allow.
+fn read_document(p: &Path) -> Result<Vec<u8>, IndexError> {
+    use std::io::Read;
+    let max = crate::fetch::registry::MAX_MANIFEST_BYTES;
+    let mut bytes = Vec::new();
+    std::fs::File::open(p)
+        .and_then(|f| f.take(max as u64 + 1).read_to_end(&mut bytes))
+        .map_err(|e| io(e, p))?;
+    if bytes.len() > max {
+        return Err(IndexError::Manifest(format!(
+            "{}: larger than the {max} bytes accepted for a manifest or index",
+            p.display()
+        )));
+    }
+    Ok(bytes)
+}
+
+/// A temporary name beside `p`, unique per write: two writes of one blob may run at once (in
+/// this process or another).
+fn temp_path(p: &Path) -> PathBuf {
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    p.with_extension(format!("tmp{}-{n}", std::process::id()))
+}
+
 fn io(e: std::io::Error, what: &Path) -> IndexError {
     IndexError::Other(format!("{}: {e}", what.display()))
 }
@@ -89,7 +115,7 @@ impl Endpoint {
 
     fn layout_index(dir: &Path) -> Result<Value, IndexError> {
         let p = dir.join("index.json");
-        let bytes = std::fs::read(&p).map_err(|e| io(e, &p))?;
+        let bytes = read_document(&p)?;
         serde_json::from_slice(&bytes)
             .map_err(|e| IndexError::Manifest(format!("{}: {e}", p.display())))
     }
@@ -109,8 +135,8 @@ impl Endpoint {
                 Ok(self.client.manifest(&target, MANIFEST_TYPES).await?)
             }
             ImageRef::Layout { dir, tag } => {
-                let (digest, served) = match digest {
-                    Some(d) => (d.to_string(), String::new()),
+                let (digest, served, size) = match digest {
+                    Some(d) => (d.to_string(), String::new(), None),
                     None => {
                         let idx = Self::layout_index(dir)?;
                         let entries = idx["manifests"].as_array().cloned().unwrap_or_default();
@@ -132,15 +158,23 @@ impl Endpoint {
                         (
                             m["digest"].as_str().unwrap_or_default().to_string(),
                             m["mediaType"].as_str().unwrap_or_default().to_string(),
+                            m["size"].as_u64(),
                         )
                     }
                 };
                 let p = Self::blob_path(dir, &digest)?;
-                let data = Bytes::from(std::fs::read(&p).map_err(|e| io(e, &p))?);
+                let data = Bytes::from(read_document(&p)?);
                 if sha256_digest(&data) != digest {
                     return Err(IndexError::Manifest(format!(
                         "{}: content does not match {digest}",
                         p.display()
+                    )));
+                }
+                if let Some(said) = size.filter(|&n| n != data.len() as u64) {
+                    return Err(IndexError::Manifest(format!(
+                        "{}: index.json says {digest} is {said} bytes, it is {}",
+                        self.image,
+                        data.len()
                     )));
                 }
                 let mt = declared_media_type(&data, &served);
@@ -213,7 +247,7 @@ impl Endpoint {
         if p.exists() {
             return Ok(());
         }
-        let tmp = p.with_extension("tmp");
+        let tmp = temp_path(&p);
         std::fs::write(&tmp, data).map_err(|e| io(e, &tmp))?;
         std::fs::rename(&tmp, &p).map_err(|e| io(e, &p))
     }
@@ -253,7 +287,7 @@ impl Endpoint {
             ImageRef::Layout { dir, .. } => {
                 Self::ensure_layout(dir)?;
                 let p = Self::blob_path(dir, digest)?;
-                let tmp = p.with_extension(format!("tmp{}", std::process::id()));
+                let tmp = temp_path(&p);
                 let mut f = std::fs::File::create(&tmp).map_err(|e| io(e, &tmp))?;
                 let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
                 let mut s = stream;

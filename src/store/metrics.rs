@@ -120,7 +120,18 @@ pub async fn serve_metrics(
     spans: Arc<SpanStore>,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(&address).await?;
-    tracing::info!("metrics at http://{address}/metrics");
+    serve_metrics_on(listener, stats, spans).await
+}
+
+/// Serves `GET /metrics` (any path) on a bound listener until the runtime stops.
+pub async fn serve_metrics_on(
+    listener: tokio::net::TcpListener,
+    stats: Arc<StoreStats>,
+    spans: Arc<SpanStore>,
+) -> std::io::Result<()> {
+    if let Ok(address) = listener.local_addr() {
+        tracing::info!("metrics at http://{address}/metrics");
+    }
     loop {
         let (mut conn, _) = listener.accept().await?;
         let (stats, spans) = (stats.clone(), spans.clone());

@@ -119,12 +119,17 @@ pub fn serve(ctx: Arc<StoreContext>, mountpoint: &Path, opts: &ServeOptions) -> 
     let mountpoint = std::path::absolute(mountpoint)?;
     let mountpoint = mountpoint.as_path();
     if let Some(addr) = opts.metrics_address.clone() {
-        let (stats, spans) = (ctx.stats.clone(), ctx.spans.clone());
+        // Bound before mounting: an address that cannot be used stops the start.
         let listener = ctx
             .runtime
-            .spawn(metrics::serve_metrics(addr.clone(), stats, spans));
+            .block_on(tokio::net::TcpListener::bind(&addr))
+            .with_context(|| format!("metrics endpoint {addr}"))?;
+        let (stats, spans) = (ctx.stats.clone(), ctx.spans.clone());
+        let server = ctx
+            .runtime
+            .spawn(metrics::serve_metrics_on(listener, stats, spans));
         ctx.runtime.spawn(async move {
-            if let Ok(Err(e)) = listener.await {
+            if let Ok(Err(e)) = server.await {
                 tracing::error!("metrics endpoint {addr}: {e}");
             }
         });

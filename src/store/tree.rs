@@ -114,6 +114,12 @@ impl LayerTree {
                 continue;
             }
             if let Some(hidden) = base.strip_prefix(WHITEOUT) {
+                if matches!(hidden, b"" | b"." | b"..") {
+                    // `.wh.`, `.wh..`, `.wh...`: no file could be named so; a normal pull
+                    // cannot apply them either.
+                    tracing::warn!("whiteout {}: names no file; ignored", e.display_name());
+                    continue;
+                }
                 let mut n = meta(NodeKind::Whiteout);
                 n.mode = 0;
                 t.insert(parent, hidden.to_vec(), n);
@@ -275,5 +281,52 @@ mod tests {
             (0o555, 0),
             "the root is what containers/storage gives a layer root, whatever `./` says"
         );
+    }
+
+    fn ztoc_of(entries: Vec<Entry>) -> Ztoc {
+        Ztoc {
+            version: b"0.9".to_vec(),
+            build_tool: vec![],
+            compressed_size: 0,
+            uncompressed_size: 0,
+            entries,
+            span_size: 1,
+            span_digests: vec![],
+            compression: Compression::Uncompressed { size: 0 },
+        }
+    }
+
+    #[test]
+    fn whiteouts_of_no_name_make_no_entry() {
+        let t = LayerTree::build(&ztoc_of(vec![
+            entry("./a/.wh.", EntryType::Reg, ""),
+            entry("./a/.wh..", EntryType::Reg, ""),
+            entry("./a/.wh...", EntryType::Reg, ""),
+            entry("./.wh.", EntryType::Reg, ""),
+            entry("./a/.wh....", EntryType::Reg, ""),
+        ]));
+        let a = t.lookup_path(b"a").unwrap();
+        let names: Vec<&[u8]> = t.nodes[a].children.keys().map(Vec::as_slice).collect();
+        assert_eq!(names, [&b"..."[..]], "only `.wh....` names a file (`...`)");
+        assert!(t.nodes[0].children.keys().all(|n| n == b"a"));
+    }
+
+    #[test]
+    fn a_name_listed_twice_is_its_last_copy_as_in_the_ztoc() {
+        let z = ztoc_of(vec![
+            entry("./f", EntryType::Reg, ""),
+            entry("./h", EntryType::Hardlink, "f"),
+            entry("./f", EntryType::Reg, ""),
+        ]);
+        let t = LayerTree::build(&z);
+        let file = |p: &[u8]| match t.nodes[t.lookup_path(p).unwrap()].kind {
+            NodeKind::File { entry, .. } => entry,
+            ref other => panic!("{other:?}"),
+        };
+        assert_eq!(file(b"f"), 2);
+        assert_eq!(z.find(b"./f"), Some(2));
+        // The hardlink was made to the copy there when it was extracted.
+        assert_eq!(file(b"h"), 0);
+        assert_eq!(z.resolve_hardlink(1).unwrap(), 0);
     }
 }

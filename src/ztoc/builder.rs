@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use super::tar::TarScanner;
 use super::{
     Checkpoint, Compression, Ztoc, ZtocError, BUILD_TOOL, DEFAULT_MIN_LAYER_SIZE,
-    DEFAULT_SPAN_SIZE, WINDOW_SIZE, ZTOC_VERSION,
+    DEFAULT_SPAN_SIZE, MAX_BUILD_SPAN_SIZE, WINDOW_SIZE, ZTOC_VERSION,
 };
 use crate::sys::zlib::{Format, Inflater};
 
@@ -93,6 +93,12 @@ pub fn build(
 ) -> Result<Ztoc> {
     if opts.span_size == 0 {
         return Err(ZtocError::Invalid("span size must be positive".into()));
+    }
+    if opts.span_size > MAX_BUILD_SPAN_SIZE {
+        return Err(ZtocError::Invalid(format!(
+            "span size {} is larger than the {MAX_BUILD_SPAN_SIZE} accepted (spans are read whole)",
+            opts.span_size
+        )));
     }
     let mut inbuf = vec![0u8; IN_BUF];
     let head = read_full(&mut input, &mut inbuf)?;

@@ -4,7 +4,10 @@
 use flatbuffers::{FlatBufferBuilder, WIPOffset};
 
 use super::fb::Table;
-use super::{Checkpoint, Compression, Entry, EntryType, Ztoc, ZtocError, WINDOW_SIZE};
+use super::{
+    check_entry_place, Checkpoint, Compression, Entry, EntryType, Ztoc, ZtocError, MAX_ENTRIES,
+    MAX_NAME_BYTES, MAX_PAX_BYTES, MAX_SPANS, MAX_ZTOC_BYTES, WINDOW_SIZE,
+};
 
 type Result<T> = std::result::Result<T, ZtocError>;
 
@@ -34,21 +37,38 @@ pub(crate) fn decode_with(
     buf: &[u8],
     checkpoints: impl Fn(&[u8]) -> Result<(u64, Vec<Checkpoint>)>,
 ) -> Result<Ztoc> {
+    if buf.len() as u64 > MAX_ZTOC_BYTES {
+        return Err(malformed(format!(
+            "{} bytes, more than the {MAX_ZTOC_BYTES} accepted",
+            buf.len()
+        )));
+    }
     let root = Table::root(buf)?;
-    let version = root.bytes(0)?.to_vec();
-    let build_tool = root.bytes(1)?.to_vec();
+    let mut budget = Budget::new(buf.len());
+    let version = budget.take(root.bytes(0)?, "version")?;
+    let build_tool = budget.take(root.bytes(1)?, "build tool")?;
     let compressed_size = non_negative(root.i64(2, 0)?, "compressed archive size")?;
     let uncompressed_size = non_negative(root.i64(3, 0)?, "uncompressed archive size")?;
 
     let mut entries = Vec::new();
     if let Some(toc) = root.table(4)? {
         let md = toc.offsets(0)?;
+        if md.len() > MAX_ENTRIES {
+            return Err(malformed(format!(
+                "{} entries, more than the {MAX_ENTRIES} accepted",
+                md.len()
+            )));
+        }
         entries.reserve(md.len());
+        let mut prev_data_end = 0;
         for i in 0..md.len() {
-            entries.push(decode_entry(&md.table(i)?).map_err(|e| match e {
+            let entry = decode_entry(&md.table(i)?, &mut budget).map_err(|e| match e {
                 ZtocError::Malformed(m) => malformed(format!("entry {i}: {m}")),
                 other => other,
-            })?);
+            })?;
+            // Placed now, not after the loop: entries sharing one table fail at the second.
+            prev_data_end = check_entry_place(i, &entry, prev_data_end, uncompressed_size)?;
+            entries.push(entry);
         }
     }
 
@@ -58,6 +78,12 @@ pub(crate) fn decode_with(
     let algo = ci.i8(0, ALGO_GZIP)?;
     let max_span_id = ci.i32(1, 0)?;
     let digests = ci.offsets(2)?;
+    if digests.len() > MAX_SPANS {
+        return Err(malformed(format!(
+            "{} spans, more than the {MAX_SPANS} accepted",
+            digests.len()
+        )));
+    }
     if max_span_id < 0 || max_span_id as usize + 1 != digests.len() {
         return Err(malformed(format!(
             "max_span_id {max_span_id} does not match {} span digests",
@@ -98,32 +124,77 @@ pub(crate) fn decode_with(
     Ok(ztoc)
 }
 
-fn decode_entry(t: &Table<'_>) -> Result<Entry> {
+/// What decoding may copy out of a zTOC buffer. FlatBuffers lets many tables point at one string,
+/// so a small buffer can name gigabytes; every string is checked against its own bound and
+/// against this budget before it is copied.
+struct Budget {
+    /// String bytes still allowed: twice the buffer (a writer sharing short strings such as user
+    /// names stays far below; each string stored once makes exactly the buffer's size at most).
+    left: usize,
+}
+
+impl Budget {
+    fn new(buf_len: usize) -> Self {
+        Budget {
+            left: buf_len.saturating_mul(2),
+        }
+    }
+
+    /// Copies `s`, a string of at most [`MAX_NAME_BYTES`], out of the buffer.
+    fn take(&mut self, s: &[u8], what: &str) -> Result<Vec<u8>> {
+        if s.len() > MAX_NAME_BYTES {
+            return Err(malformed(format!(
+                "{what} of {} bytes, more than the {MAX_NAME_BYTES} accepted",
+                s.len()
+            )));
+        }
+        self.take_bytes(s)
+    }
+
+    fn take_bytes(&mut self, s: &[u8]) -> Result<Vec<u8>> {
+        self.left = self.left.checked_sub(s.len()).ok_or_else(|| {
+            malformed(
+                "its strings add up to more than twice its size (one string shared by many entries?)",
+            )
+        })?;
+        Ok(s.to_vec())
+    }
+}
+
+fn decode_entry(t: &Table<'_>, budget: &mut Budget) -> Result<Entry> {
     let kind_raw = t.bytes(1)?;
     let kind = EntryType::parse(kind_raw).ok_or_else(|| {
         malformed(format!(
             "unknown entry type {:?}",
-            String::from_utf8_lossy(kind_raw)
+            String::from_utf8_lossy(&kind_raw[..kind_raw.len().min(64)])
         ))
     })?;
     let xattrs = t.offsets(13)?;
-    let mut pax = Vec::with_capacity(xattrs.len());
+    let mut pax = Vec::new();
+    let mut pax_bytes = 0usize;
     for i in 0..xattrs.len() {
         let x = xattrs.table(i)?;
-        pax.push((x.bytes(0)?.to_vec(), x.bytes(1)?.to_vec()));
+        let (k, v) = (x.bytes(0)?, x.bytes(1)?);
+        pax_bytes = pax_bytes.saturating_add(k.len() + v.len());
+        if pax_bytes > MAX_PAX_BYTES {
+            return Err(malformed(format!(
+                "more than {MAX_PAX_BYTES} bytes of PAX records"
+            )));
+        }
+        pax.push((budget.take_bytes(k)?, budget.take_bytes(v)?));
     }
     Ok(Entry {
-        name: t.bytes(0)?.to_vec(),
+        name: budget.take(t.bytes(0)?, "name")?,
         kind,
         offset: non_negative(t.i64(2, 0)?, "offset")?,
         size: non_negative(t.i64(3, 0)?, "size")?,
-        linkname: t.bytes(4)?.to_vec(),
+        linkname: budget.take(t.bytes(4)?, "link target")?,
         mode: t.i64(5, 0)?,
         uid: t.u32(6, 0)?,
         gid: t.u32(7, 0)?,
-        uname: t.bytes(8)?.to_vec(),
-        gname: t.bytes(9)?.to_vec(),
-        mod_time: t.bytes(10)?.to_vec(),
+        uname: budget.take(t.bytes(8)?, "user name")?,
+        gname: budget.take(t.bytes(9)?, "group name")?,
+        mod_time: budget.take(t.bytes(10)?, "modification time")?,
         devmajor: t.i64(11, 0)?,
         devminor: t.i64(12, 0)?,
         pax,

@@ -32,6 +32,23 @@ pub const DEFAULT_MIN_LAYER_SIZE: u64 = 10 << 20;
 pub const WINDOW_SIZE: usize = 32 * 1024;
 /// Largest compressed span accepted: bounds what one read may fetch and hold in memory.
 pub const MAX_SPAN_BYTES: u64 = 256 << 20;
+/// Largest uncompressed span accepted: bounds what one read may inflate and hold in memory.
+pub const MAX_SPAN_UNCOMPRESSED: u64 = 64 << 20;
+/// Largest span size the builder takes (spans end at the first deflate block boundary after
+/// `span_size` bytes, so they may be a block longer; this leaves room below
+/// [`MAX_SPAN_UNCOMPRESSED`]).
+pub const MAX_BUILD_SPAN_SIZE: u64 = MAX_SPAN_UNCOMPRESSED / 2;
+/// Largest serialized zTOC (or uncompressed zTOC table) accepted.
+pub const MAX_ZTOC_BYTES: u64 = 1 << 30;
+/// Most entries (files, directories, links) one zTOC may list.
+pub const MAX_ENTRIES: usize = 1 << 21;
+/// Longest name, link target, user or group name, or time string of one entry.
+pub const MAX_NAME_BYTES: usize = 64 << 10;
+/// Most bytes of PAX records (keys and values together) one entry may carry: the tar scanner's
+/// bound on a metadata block.
+pub const MAX_PAX_BYTES: usize = tar::MAX_META_SIZE as usize;
+/// Most spans one zTOC may have.
+pub const MAX_SPANS: usize = 1 << 20;
 /// The zTOC format version written and understood.
 pub const ZTOC_VERSION: &str = "0.9";
 /// The build tool identifier written into zTOCs built here.
@@ -266,6 +283,61 @@ pub struct Span {
     pub digest: [u8; 32],
 }
 
+/// Checks the lengths of an entry's strings against [`MAX_NAME_BYTES`] and [`MAX_PAX_BYTES`].
+pub(crate) fn check_entry_sizes(e: &Entry) -> Result<(), String> {
+    let fields: [(&str, &[u8]); 5] = [
+        ("name", &e.name),
+        ("link target", &e.linkname),
+        ("user name", &e.uname),
+        ("group name", &e.gname),
+        ("modification time", &e.mod_time),
+    ];
+    for (what, value) in fields {
+        if value.len() > MAX_NAME_BYTES {
+            return Err(format!(
+                "{what} of {} bytes, more than the {MAX_NAME_BYTES} accepted",
+                value.len()
+            ));
+        }
+    }
+    let pax: usize = e.pax.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if pax > MAX_PAX_BYTES {
+        return Err(format!(
+            "{pax} bytes of PAX records, more than the {MAX_PAX_BYTES} accepted"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that entry `i` starts after the previous entry's data (which ended at
+/// `prev_data_end`) and its header, and that its data ends within the archive; returns where
+/// its data ends.
+pub(crate) fn check_entry_place(
+    i: usize,
+    e: &Entry,
+    prev_data_end: u64,
+    archive_size: u64,
+) -> Result<u64, ZtocError> {
+    let header_start = block_round(prev_data_end);
+    let min_offset = header_start.saturating_add(512);
+    if e.offset < min_offset {
+        return Err(ZtocError::Invalid(format!(
+            "entry {i} {:?} at offset {} overlaps the previous entry (its header starts at {header_start})",
+            e.display_name(),
+            e.offset
+        )));
+    }
+    match e.offset.checked_add(e.data_len()) {
+        Some(end) if end <= archive_size => Ok(end),
+        _ => Err(ZtocError::Invalid(format!(
+            "entry {i} {:?}: data {}+{} runs past the end of the archive ({archive_size})",
+            e.display_name(),
+            e.offset,
+            e.size
+        ))),
+    }
+}
+
 /// Rounds up to the next 512-byte tar block.
 pub(crate) fn block_round(n: u64) -> u64 {
     n.div_ceil(512).saturating_mul(512)
@@ -345,29 +417,25 @@ impl Ztoc {
         if self.span_digests.is_empty() {
             return inv("no spans".into());
         }
+        if self.span_digests.len() > MAX_SPANS {
+            return inv(format!(
+                "{} spans, more than the {MAX_SPANS} accepted",
+                self.span_digests.len()
+            ));
+        }
+        if self.entries.len() > MAX_ENTRIES {
+            return inv(format!(
+                "{} entries, more than the {MAX_ENTRIES} accepted",
+                self.entries.len()
+            ));
+        }
         let mut prev_data_end = 0u64;
         for (i, e) in self.entries.iter().enumerate() {
+            check_entry_sizes(e).map_err(|m| ZtocError::Invalid(format!("entry {i}: {m}")))?;
+            prev_data_end = check_entry_place(i, e, prev_data_end, self.uncompressed_size)?;
             let name = e.display_name();
             path::check_entry_name(&e.name)
                 .map_err(|m| ZtocError::Invalid(format!("entry {i} {name:?}: {m}")))?;
-            let header_start = block_round(prev_data_end);
-            let min_offset = header_start.saturating_add(512);
-            if e.offset < min_offset {
-                return inv(format!(
-                    "entry {i} {name:?} at offset {} overlaps the previous entry (its header starts at {header_start})",
-                    e.offset
-                ));
-            }
-            let end = e.offset.checked_add(e.data_len());
-            match end {
-                Some(end) if end <= self.uncompressed_size => prev_data_end = end,
-                _ => {
-                    return inv(format!(
-                        "entry {i} {name:?}: data {}+{} runs past the end of the archive ({})",
-                        e.offset, e.size, self.uncompressed_size
-                    ))
-                }
-            }
             if e.kind == EntryType::Hardlink {
                 path::check_entry_name(&e.linkname)
                     .map_err(|m| ZtocError::Invalid(format!("hardlink {name:?} target: {m}")))?;
@@ -380,6 +448,12 @@ impl Ztoc {
                 return inv(format!(
                     "span {id} holds {} compressed bytes, more than the {MAX_SPAN_BYTES} accepted",
                     s.compressed.end - s.compressed.start
+                ));
+            }
+            if s.uncompressed.end - s.uncompressed.start > MAX_SPAN_UNCOMPRESSED {
+                return inv(format!(
+                    "span {id} inflates to {} bytes, more than the {MAX_SPAN_UNCOMPRESSED} accepted",
+                    s.uncompressed.end - s.uncompressed.start
                 ));
             }
         }
@@ -448,35 +522,49 @@ impl Ztoc {
         Ok(())
     }
 
-    /// The entry with this name (normalized: `./a`, `a` and `/a` are the same).
+    /// The entry with this name (normalized: `./a`, `a` and `/a` are the same). A name listed
+    /// more than once is its last copy, as extracting the tar (and the store's tree) leaves it.
     pub fn find(&self, name: &[u8]) -> Option<usize> {
-        let want = path::normalize(name);
-        self.entries
-            .iter()
-            .position(|e| path::normalize(&e.name) == want)
+        self.find_before(name, self.entries.len())
     }
 
-    /// Follows hardlinks to the entry that holds the data.
+    /// The last entry with this name among the first `end` entries.
+    fn find_before(&self, name: &[u8], end: usize) -> Option<usize> {
+        let want = path::normalize(name);
+        self.entries[..end.min(self.entries.len())]
+            .iter()
+            .rposition(|e| path::normalize(&e.name) == want)
+    }
+
+    /// Follows hardlinks to the entry that holds the data. A hardlink names the file as it was
+    /// when the link was extracted: the last copy of its target listed before it.
     pub fn resolve_hardlink(&self, i: usize) -> Result<usize, ZtocError> {
         let mut cur = i;
-        // A chain longer than the table means a cycle.
-        for _ in 0..=self.entries.len() {
+        // Each step goes to an earlier entry, so the chain ends.
+        loop {
             let e = &self.entries[cur];
             if e.kind != EntryType::Hardlink {
                 return Ok(cur);
             }
-            cur = self.find(&e.linkname).ok_or_else(|| {
-                ZtocError::NotFound(format!(
-                    "hardlink {} points at missing {}",
-                    e.display_name(),
-                    String::from_utf8_lossy(&e.linkname)
-                ))
-            })?;
+            cur = match self.find_before(&e.linkname, cur) {
+                Some(target) => target,
+                // Itself or a later entry: nothing an extraction could link to.
+                None if self.find(&e.linkname).is_some() => {
+                    return Err(ZtocError::Invalid(format!(
+                        "hardlink {} points at {}, which is not listed before it",
+                        e.display_name(),
+                        String::from_utf8_lossy(&e.linkname)
+                    )))
+                }
+                None => {
+                    return Err(ZtocError::NotFound(format!(
+                        "hardlink {} points at missing {}",
+                        e.display_name(),
+                        String::from_utf8_lossy(&e.linkname)
+                    )))
+                }
+            };
         }
-        Err(ZtocError::Invalid(format!(
-            "hardlink cycle at {}",
-            self.entries[i].display_name()
-        )))
     }
 
     /// Whether every checkpoint window is in the zTOC (as after building or decoding a zTOC).

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use sha2::{Digest, Sha256};
 
 use super::tar::TarScanner;
-use super::{Compression, EntryType, Ztoc, ZtocError, MAX_SPAN_BYTES};
+use super::{Compression, EntryType, Ztoc, ZtocError, MAX_SPAN_UNCOMPRESSED};
 use crate::sys::zlib::{Format, Inflater};
 
 type Result<T> = std::result::Result<T, ZtocError>;
@@ -126,76 +126,144 @@ pub fn inflate_span_with(
     skip: u64,
     out: &mut [u8],
 ) -> Result<()> {
-    let span = ztoc.span(id);
-    if skip + out.len() as u64 > span.uncompressed.end - span.uncompressed.start {
-        return Err(ZtocError::OutOfRange(format!(
-            "{}+{} past the end of span {id}",
-            skip,
-            out.len()
-        )));
-    }
-    let checkpoints = match &ztoc.compression {
-        Compression::Uncompressed { .. } => {
-            let from = skip as usize;
-            out.copy_from_slice(bytes.get(from..from + out.len()).ok_or_else(|| {
-                ZtocError::CorruptLayer(format!("span {id} is shorter than the zTOC says"))
-            })?);
-            return Ok(());
-        }
-        Compression::Gzip { checkpoints } => checkpoints,
-    };
-    let cp = &checkpoints[id];
-    let corrupt = |m: String| ZtocError::CorruptLayer(format!("span {id}: {m}"));
-    let mut inf = Inflater::new(Format::Raw);
-    let mut format = Format::Raw;
-    let mut pos = 0usize;
-    if cp.bits != 0 {
-        let first = *bytes.first().ok_or_else(|| corrupt("empty span".into()))?;
-        inf.prime(cp.bits, first).map_err(corrupt)?;
-        pos = 1;
-    }
-    let window = window
-        .or(cp.window.inline())
-        .ok_or_else(|| ZtocError::Invalid(format!("span {id}: no window given")))?;
-    inf.set_dictionary(window).map_err(corrupt)?;
-    let mut scratch = vec![0u8; skip.min(64 * 1024) as usize];
-    let mut skip = skip;
-    let mut filled = 0usize;
-    while filled < out.len() {
-        let target = if skip > 0 {
-            let n = skip.min(scratch.len() as u64) as usize;
-            &mut scratch[..n]
-        } else {
-            &mut out[filled..]
+    SpanInflater::start(ztoc, id, bytes, window)?.read(skip, out)
+}
+
+/// An inflate stream inside one span: reads at increasing offsets continue where the last one
+/// ended, so reading a span in many pieces inflates it once.
+struct SpanInflater<B> {
+    id: usize,
+    /// The span's verified compressed bytes.
+    bytes: B,
+    /// Uncompressed bytes of the span, and the bytes produced so far.
+    len: u64,
+    produced: u64,
+    /// `None` for a plain tar span (a copy, no inflate).
+    inflate: Option<(Inflater, Format)>,
+    /// Compressed bytes consumed so far.
+    pos: usize,
+}
+
+impl<B: AsRef<[u8]>> SpanInflater<B> {
+    fn start(ztoc: &Ztoc, id: usize, bytes: B, window: Option<&[u8]>) -> Result<Self> {
+        let span = ztoc.span(id);
+        let mut this = SpanInflater {
+            id,
+            bytes,
+            len: span.uncompressed.end - span.uncompressed.start,
+            produced: 0,
+            inflate: None,
+            pos: 0,
         };
-        let step = inf.inflate(&bytes[pos..], target, false).map_err(corrupt)?;
-        pos += step.consumed;
-        if skip > 0 {
-            skip -= step.produced as u64;
-        } else {
-            filled += step.produced;
+        let Compression::Gzip { checkpoints } = &ztoc.compression else {
+            return Ok(this);
+        };
+        let cp = &checkpoints[id];
+        let mut inf = Inflater::new(Format::Raw);
+        if cp.bits != 0 {
+            let first = *this
+                .bytes
+                .as_ref()
+                .first()
+                .ok_or_else(|| this.corrupt("empty span".into()))?;
+            inf.prime(cp.bits, first).map_err(|m| this.corrupt(m))?;
+            this.pos = 1;
         }
-        if filled == out.len() {
-            break;
-        }
-        if step.stream_end {
-            // End of a gzip member: continue with the next member's header. In raw mode the
-            // trailer is still ahead; gzip mode has consumed (and checked) it.
-            if format == Format::Raw {
-                pos += 8;
-            }
-            if pos >= bytes.len() {
-                return Err(corrupt("data ends at a gzip member boundary".into()));
-            }
-            format = Format::Gzip;
-            inf.reset(format);
-        } else if step.consumed == 0 && step.produced == 0 {
-            return Err(corrupt(
-                "compressed data ends before the span's uncompressed end".into(),
-            ));
-        }
+        let window = window
+            .or(cp.window.inline())
+            .ok_or_else(|| ZtocError::Invalid(format!("span {id}: no window given")))?;
+        inf.set_dictionary(window).map_err(|m| this.corrupt(m))?;
+        this.inflate = Some((inf, Format::Raw));
+        Ok(this)
     }
-    Ok(())
+
+    fn corrupt(&self, m: String) -> ZtocError {
+        ZtocError::CorruptLayer(format!("span {}: {m}", self.id))
+    }
+
+    /// Whether a read at `skip` can continue this stream.
+    fn can_reach(&self, id: usize, skip: u64) -> bool {
+        self.id == id && skip >= self.produced
+    }
+
+    /// Fills `out` with the span's bytes from `skip` on; `skip` must not be behind what this
+    /// stream has produced ([`Self::can_reach`]).
+    fn read(&mut self, skip: u64, out: &mut [u8]) -> Result<()> {
+        if skip
+            .checked_add(out.len() as u64)
+            .is_none_or(|end| end > self.len)
+        {
+            return Err(ZtocError::OutOfRange(format!(
+                "{}+{} past the end of span {}",
+                skip,
+                out.len(),
+                self.id
+            )));
+        }
+        if skip < self.produced {
+            return Err(ZtocError::OutOfRange(format!(
+                "span {}: {skip} is behind the inflate stream",
+                self.id
+            )));
+        }
+        let Some((inf, format)) = self.inflate.as_mut() else {
+            let from = skip as usize;
+            out.copy_from_slice(self.bytes.as_ref().get(from..from + out.len()).ok_or_else(
+                || {
+                    ZtocError::CorruptLayer(format!(
+                        "span {} is shorter than the zTOC says",
+                        self.id
+                    ))
+                },
+            )?);
+            self.produced = skip + out.len() as u64;
+            return Ok(());
+        };
+        let id = self.id;
+        let corrupt = |m: String| ZtocError::CorruptLayer(format!("span {id}: {m}"));
+        let bytes = self.bytes.as_ref();
+        let mut skip = skip - self.produced;
+        let mut scratch = vec![0u8; skip.min(64 * 1024) as usize];
+        let mut filled = 0usize;
+        while filled < out.len() {
+            let target = if skip > 0 {
+                let n = skip.min(scratch.len() as u64) as usize;
+                &mut scratch[..n]
+            } else {
+                &mut out[filled..]
+            };
+            let step = inf
+                .inflate(&bytes[self.pos..], target, false)
+                .map_err(corrupt)?;
+            self.pos += step.consumed;
+            self.produced += step.produced as u64;
+            if skip > 0 {
+                skip -= step.produced as u64;
+            } else {
+                filled += step.produced;
+            }
+            if filled == out.len() {
+                break;
+            }
+            if step.stream_end {
+                // End of a gzip member: continue with the next member's header. In raw mode the
+                // trailer is still ahead; gzip mode has consumed (and checked) it.
+                if *format == Format::Raw {
+                    self.pos += 8;
+                }
+                if self.pos >= bytes.len() {
+                    return Err(corrupt("data ends at a gzip member boundary".into()));
+                }
+                *format = Format::Gzip;
+                inf.reset(Format::Gzip);
+            } else if step.consumed == 0 && step.produced == 0 {
+                return Err(corrupt(
+                    "compressed data ends before the span's uncompressed end".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// (reader key, span id) and the span's inflated bytes.
@@ -252,6 +320,8 @@ pub struct LayerReader<S> {
     verify_headers: bool,
     header_checked: Vec<AtomicBool>,
     read_ahead: usize,
+    /// Where the last partial read of a span stopped, so the next read of that span continues.
+    stream: Mutex<Option<SpanInflater<bytes::Bytes>>>,
 }
 
 impl<S: SpanSource> LayerReader<S> {
@@ -265,12 +335,13 @@ impl<S: SpanSource> LayerReader<S> {
             verify_headers: false,
             header_checked: (0..n).map(|_| AtomicBool::new(false)).collect(),
             read_ahead: READ_AHEAD_SPANS,
+            stream: Mutex::new(None),
         }
     }
 
     /// Keeps up to `spans` fully inflated spans in memory (for sequential or clustered reads).
     pub fn with_span_cache(self, spans: usize) -> Self {
-        let budget = spans.saturating_mul(self.ztoc.span_size.min(MAX_SPAN_BYTES) as usize);
+        let budget = spans.saturating_mul(self.ztoc.span_size.min(MAX_SPAN_UNCOMPRESSED) as usize);
         if spans == 0 {
             return self;
         }
@@ -321,14 +392,28 @@ impl<S: SpanSource> LayerReader<S> {
 
     /// Fetches span `id` (and its window, when stored apart) and inflates from `skip` into `out`;
     /// for a read of a file whose data ends at `file_end`, hints the source to fetch the file's
-    /// next spans meanwhile.
+    /// next spans meanwhile. A read that continues where the previous one stopped resumes its
+    /// inflate stream, so reading a span in pieces costs one inflate of the span, not one per
+    /// piece.
     fn inflate(&self, id: usize, skip: u64, out: &mut [u8], file_end: Option<u64>) -> Result<()> {
-        if let Some(end) = file_end {
-            self.hint_ahead(id, end);
+        let lock = || self.stream.lock().unwrap_or_else(|p| p.into_inner());
+        let resumed = lock().take().filter(|s| s.can_reach(id, skip));
+        let mut stream = match resumed {
+            Some(stream) => stream,
+            None => {
+                if let Some(end) = file_end {
+                    self.hint_ahead(id, end);
+                }
+                let bytes = self.fetch_span(id)?;
+                let window = self.remote_window(id)?;
+                SpanInflater::start(&self.ztoc, id, bytes, window.as_deref())?
+            }
+        };
+        stream.read(skip, out)?;
+        if stream.produced < stream.len {
+            *lock() = Some(stream);
         }
-        let bytes = self.fetch_span(id)?;
-        let window = self.remote_window(id)?;
-        inflate_span_with(&self.ztoc, id, &bytes, window.as_deref(), skip, out)
+        Ok(())
     }
 
     /// Tells the source about the spans after `id` that hold file data up to `end`.
@@ -357,7 +442,11 @@ impl<S: SpanSource> LayerReader<S> {
             return Ok(None);
         };
         let span = self.ztoc.span(id);
-        if span.uncompressed.end - span.uncompressed.start > MAX_SPAN_BYTES {
+        // An outsized span (far above the zTOC's span size and half the cache) would push every
+        // other span out: it is read in place instead.
+        let len = span.uncompressed.end - span.uncompressed.start;
+        let outsized = len > 2 * self.ztoc.span_size && len > cache.budget as u64 / 2;
+        if len > MAX_SPAN_UNCOMPRESSED || outsized {
             return Ok(None);
         }
         if let Some(hit) = cache.get((*reader, id)) {
