@@ -64,7 +64,55 @@ fn printing_commands_end_quietly_when_the_reader_goes_away() {
     let (layer, ztoc) = (layer.to_str().unwrap(), ztoc.to_str().unwrap());
     closes_early(&["ztoc", "info", "--json", ztoc]);
     closes_early(&["ztoc", "ls", ztoc]);
-    closes_early(&["ztoc", "get-file", ztoc, layer, "big.txt"]);
+    let digest = soci_store::index::sha256_digest(&std::fs::read(ztoc).unwrap());
+    closes_early(&[
+        "ztoc",
+        "get-file",
+        "--ztoc-digest",
+        &digest,
+        ztoc,
+        layer,
+        "big.txt",
+    ]);
+}
+
+/// `ztoc get-file` checks a zTOC file against the digest the SOCI index lists for it, and says
+/// when it has none to check (the zTOC's windows and file table are then trusted as given).
+#[test]
+fn get_file_checks_the_ztoc_against_its_digest_or_says_it_cannot() {
+    let dir = tempfile::tempdir().unwrap();
+    let (layer, ztoc) = layer(dir.path());
+    let digest = soci_store::index::sha256_digest(&std::fs::read(&ztoc).unwrap());
+    let run = |extra: &[&str]| {
+        soci_store()
+            .args(["ztoc", "get-file"])
+            .args(extra)
+            .args([&ztoc, &layer])
+            .arg("big.txt")
+            .output()
+            .unwrap()
+    };
+    let checked = run(&["--ztoc-digest", &digest]);
+    assert!(checked.status.success(), "{checked:?}");
+    assert!(checked.stdout == random_bytes(6 << 20, 1));
+    assert!(checked.stderr.is_empty(), "{checked:?}");
+
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    let refused = run(&["--ztoc-digest", &wrong]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && refused.stdout.is_empty(),
+        "{refused:?}"
+    );
+    assert!(
+        stderr.contains(&digest) && stderr.contains(&wrong),
+        "{stderr}"
+    );
+
+    let trusted = run(&[]);
+    let stderr = String::from_utf8_lossy(&trusted.stderr);
+    assert!(trusted.status.success() && trusted.stdout == random_bytes(6 << 20, 1));
+    assert!(stderr.contains("trusted as given"), "{stderr}");
 }
 
 /// An OCI layout holding `blob`, and a config whose only fetcher reads it.

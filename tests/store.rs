@@ -1213,8 +1213,8 @@ async fn a_tampered_window_is_never_served() {
     );
 }
 
-/// Reading a file that spans many spans fetches the file's next spans ahead, all at once, so the
-/// reader waits for few of them, and their windows several per request; every span is still fetched
+/// Reading a file sequentially fetches the file's next spans ahead, all at once, so the reader
+/// waits for few of them, and their windows several per request (a lone read does not); every span is still fetched
 /// once and every byte reads correctly. The trace shows which fetches were read-ahead.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_file_read_fetches_its_next_spans_ahead() {
@@ -1234,6 +1234,16 @@ async fn a_file_read_fetches_its_next_spans_ahead() {
     let base = mnt.join(&b64).join(&env.layer_digests[0]).join("diff");
     assert!(base.join("etc/hello.txt").exists());
     let log_before = env.reg.log_text().len();
+    // A lone read in the middle of a file (as a page fault is) fetches only its span.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open(base.join("data/big-random.bin")).unwrap();
+        let mut page = vec![0u8; 4096];
+        f.read_exact_at(&mut page, 5 << 20).unwrap();
+        assert!(page[..] == random_bytes(12 << 20, 11)[5 << 20..(5 << 20) + 4096]);
+        let events = soci_store::trace::load(&trace).unwrap();
+        assert!(events.iter().all(|e| e.kind != "ahead"), "{events:?}");
+    }
     // 12 MiB of random bytes: with 1 MiB spans, at least 12 spans of the base layer.
     assert!(std::fs::read(base.join("data/big-random.bin")).unwrap() == random_bytes(12 << 20, 11));
     let log = env.reg.log_text()[log_before..].to_string();

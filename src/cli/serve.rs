@@ -29,8 +29,8 @@ pub struct ServeArgs {
     /// possible while no read waits.
     #[arg(long, value_parser = super::parse_size)]
     background_rate: Option<u64>,
-    /// When a file read misses a span, fetch up to this many of the file's next spans at once
-    /// (at most 4 MiB compressed); 0 fetches only the spans reads need.
+    /// When a file read sequentially misses a span, fetch up to this many of the file's next
+    /// spans at once (at most 4 MiB compressed); 0 fetches only the spans reads need.
     #[arg(long, value_name = "SPANS", default_value_t = crate::ztoc::reader::READ_AHEAD_SPANS)]
     read_ahead: usize,
     /// Write a start breakdown to FILE: one JSON line per lookup, artifact fetch, span fetch

@@ -45,6 +45,12 @@ pub enum ZtocCommand {
         /// Write here instead of standard output.
         #[arg(short, long)]
         output: Option<PathBuf>,
+        /// The zTOC's digest as the SOCI index lists it: the zTOC is checked against it before
+        /// use. Its span digests vouch for the layer's bytes, but nothing in the layer vouches
+        /// for the zTOC itself (its file table and checkpoint windows); a zTOC named by digest
+        /// is checked against that digest.
+        #[arg(long, value_name = "DIGEST")]
+        ztoc_digest: Option<String>,
     },
     /// Check that every file read through the zTOC equals a plain sequential read of the layer.
     Verify {
@@ -102,7 +108,14 @@ impl ZtocCommand {
                 layer,
                 path,
                 output,
-            } => get_file(&ztoc, &layer, &path, output.as_deref()),
+                ztoc_digest,
+            } => get_file(
+                &ztoc,
+                &layer,
+                &path,
+                output.as_deref(),
+                ztoc_digest.as_deref(),
+            ),
             ZtocCommand::Verify { ztoc, layer, json } => verify(&ztoc, &layer, json),
         }
     }
@@ -268,8 +281,35 @@ fn ls(path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn get_file(ztoc_path: &Path, layer: &Path, name: &Path, output: Option<&Path>) -> Result<()> {
-    let (_, z) = load(ztoc_path)?;
+fn get_file(
+    ztoc_path: &Path,
+    layer: &Path,
+    name: &Path,
+    output: Option<&Path>,
+    ztoc_digest: Option<&str>,
+) -> Result<()> {
+    let (bytes, z) = load(ztoc_path)?;
+    // A zTOC named by digest (artifact store) is checked against that name.
+    let by_name = ztoc_path.to_string_lossy();
+    let expected = ztoc_digest.or_else(|| {
+        (!ztoc_path.exists() && crate::reference::is_digest(&by_name)).then_some(&*by_name)
+    });
+    match expected {
+        Some(want) => {
+            let got = crate::index::sha256_digest(&bytes);
+            if got != want {
+                bail!(
+                    "{} is not the zTOC {want} (its digest is {got})",
+                    ztoc_path.display()
+                );
+            }
+        }
+        None => eprintln!(
+            "note: {} is trusted as given: its checkpoint windows and file table are not covered \
+             by the layer's span digests (--ztoc-digest checks it against the SOCI index)",
+            ztoc_path.display()
+        ),
+    }
     let idx = z
         .find(name.as_os_str().as_bytes())
         .with_context(|| format!("{} is not in the layer", name.display()))?;

@@ -320,6 +320,8 @@ pub struct LayerReader<S> {
     verify_headers: bool,
     header_checked: Vec<AtomicBool>,
     read_ahead: usize,
+    /// (entry, end) of the last few file reads, to tell sequential reading.
+    recent: Mutex<[(usize, u64); 8]>,
     /// Where the last partial read of a span stopped, so the next read of that span continues.
     stream: Mutex<Option<SpanInflater<bytes::Bytes>>>,
 }
@@ -335,6 +337,7 @@ impl<S: SpanSource> LayerReader<S> {
             verify_headers: false,
             header_checked: (0..n).map(|_| AtomicBool::new(false)).collect(),
             read_ahead: READ_AHEAD_SPANS,
+            recent: Mutex::new([(usize::MAX, 0); 8]),
             stream: Mutex::new(None),
         }
     }
@@ -524,7 +527,27 @@ impl<S: SpanSource> LayerReader<S> {
             return Ok(0);
         }
         let n = (buf.len() as u64).min(e.size - offset) as usize;
-        self.read_within(e.offset + offset, &mut buf[..n], Some(e.offset + e.size))
+        // Read-ahead only for a file read sequentially (each read where an earlier one ended):
+        // page faults of a mapped library and one-shot reads of small files would mostly fetch
+        // spans nobody reads before the start is over.
+        let sequential = self.continues(data_idx, offset, offset + n as u64);
+        let file_end = sequential.then_some(e.offset + e.size);
+        self.read_within(e.offset + offset, &mut buf[..n], file_end)
+    }
+
+    /// Whether a read of entry `idx` at `offset` continues an earlier read of it (one of the
+    /// last few reads of this layer ended there); remembers where this one ends.
+    fn continues(&self, idx: usize, offset: u64, end: u64) -> bool {
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let hit = recent.iter().position(|&(i, e)| i == idx && e == offset);
+        match hit {
+            Some(slot) => recent[slot] = (idx, end),
+            None => {
+                recent.rotate_right(1);
+                recent[0] = (idx, end);
+            }
+        }
+        hit.is_some() && offset > 0
     }
 
     /// Reads the whole data of entry `idx`. Memory grows with the data actually read, never
