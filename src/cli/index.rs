@@ -22,8 +22,8 @@ pub struct BuildArgs {
     #[arg(long, conflicts_with = "platforms")]
     all_platforms: bool,
     /// Uncompressed bytes per span (the unit fetched on demand). Upstream SOCI uses 4MiB; smaller
-    /// spans start containers sooner (docs/benchmarks.md) for a slightly larger zTOC.
-    #[arg(long, default_value = "1MiB", value_parser = parse_size)]
+    /// spans start containers sooner over real links (docs/benchmarks.md) for a larger zTOC.
+    #[arg(long, default_value = "512KiB", value_parser = parse_size)]
     span_size: u64,
     /// Smaller layers are not indexed (podman pulls them normally).
     #[arg(long, default_value = "10MiB", value_parser = parse_size)]
