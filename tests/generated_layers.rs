@@ -10,6 +10,7 @@ use std::sync::Arc;
 use common::*;
 use soci_store::ztoc::{
     self, format, path, verify, BuildOptions, Compression, EntryType, LayerReader, Ztoc,
+    WINDOW_SIZE,
 };
 
 fn opts(span_size: u64) -> BuildOptions {
@@ -386,4 +387,68 @@ fn large_toc_loads() {
     let back = format::decode(&bytes).unwrap();
     assert_eq!(back.entries.len(), n as usize);
     assert_eq!(back.entries[399_999].name, b"./many/dir999/file-399999.txt");
+}
+
+/// Multi-member (pigz-style) layers get checkpoints by upstream SOCI's rule since v0.14
+/// (`gzip_zinfo.c`, commit 560e2ab6): inflating continues across members with the counters and
+/// the 32 KiB window carried over, no checkpoint is forced at a member's start, a checkpoint never
+/// points into a gzip header or trailer (upstream's runtime resumes with raw inflate at `in`), and
+/// checkpoints strictly increase (its runtime refuses others). Its runtime then reads such zTOCs;
+/// single-member layers are unchanged (`upstream_fixtures` compares them byte for byte).
+#[test]
+fn multi_member_checkpoints_follow_upstreams_rule() {
+    let (tar, expected) = edge_layer(900_000);
+    // Seven members, with where each starts and ends in the blob.
+    let (mut blob, mut members) = (Vec::new(), Vec::new());
+    for m in 0..7 {
+        let (a, b) = (tar.len() * m / 7, tar.len() * (m + 1) / 7);
+        let start = blob.len() as u64;
+        blob.extend(gzip(&tar[a..b], 6, 1));
+        members.push(start..blob.len() as u64);
+    }
+    let span_size = 64 << 10;
+    let z = check_layer("7 members", &blob, &tar, &expected, span_size);
+    let Compression::Gzip { checkpoints } = &z.compression else {
+        panic!("a gzip layer")
+    };
+    assert_eq!((checkpoints[0].output, checkpoints[0].bits), (0, 0));
+    for pair in checkpoints.windows(2) {
+        assert!(
+            pair[1].input > pair[0].input,
+            "compressed offsets must increase"
+        );
+        assert!(
+            pair[1].output - pair[0].output > span_size,
+            "spans follow the size rule"
+        );
+    }
+    for (i, c) in checkpoints.iter().enumerate() {
+        // Not in a member's 10-byte header (flate2 writes no name) nor its 8-byte trailer.
+        for m in &members {
+            let header = m.start..m.start + 10;
+            let trailer = m.end - 8..m.end;
+            assert!(
+                !header.contains(&c.input) && !trailer.contains(&c.input),
+                "checkpoint {i} at {} is inside member {m:?}'s header or trailer",
+                c.input
+            );
+        }
+        // The window is the output just before it, across member boundaries.
+        let out = c.output as usize;
+        let mut want = vec![0u8; WINDOW_SIZE];
+        let have = out.min(WINDOW_SIZE);
+        want[WINDOW_SIZE - have..].copy_from_slice(&tar[out - have..out]);
+        assert!(
+            c.window.inline() == Some(&want[..]),
+            "checkpoint {i}'s window"
+        );
+    }
+    let in_later_members = checkpoints
+        .iter()
+        .filter(|c| c.input > members[0].end)
+        .count();
+    assert!(
+        in_later_members > 5,
+        "{in_later_members} checkpoints past the first member"
+    );
 }
