@@ -271,20 +271,12 @@ impl SpanStore {
         };
         let fetched = async {
             let traced = self.traced("window", what, purpose);
-            match self.fetchers.read_range(windows, range.clone()).await {
-                Ok(d) => {
-                    self.stats
-                        .bytes_fetched
-                        .fetch_add(d.len() as u64, Ordering::Relaxed);
-                    traced.done(d.len() as u64, "");
-                    Ok(d)
-                }
-                Err(e) => {
-                    self.stats.fetch_errors.fetch_add(1, Ordering::Relaxed);
-                    traced.done(0, "error");
-                    Err(Arc::new(e))
-                }
+            let read = self.read_counted(windows, range.clone()).await;
+            match &read {
+                Ok(d) => traced.done(d.len() as u64, ""),
+                Err(_) => traced.done(0, "error"),
             }
+            read.map_err(Arc::new)
         }
         .shared();
         let flights = batch.iter().map(|(id, r)| {
@@ -314,6 +306,23 @@ impl SpanStore {
         futures::future::join_all(flights).await
     }
 
+    /// `range` of `blob` from the fetchers, counted in the stats (bytes, or an error).
+    async fn read_counted(
+        &self,
+        blob: &BlobLocator,
+        range: Range<u64>,
+    ) -> Result<Bytes, FetchError> {
+        let read = self.fetchers.read_range(blob, range).await;
+        match &read {
+            Ok(d) => self
+                .stats
+                .bytes_fetched
+                .fetch_add(d.len() as u64, Ordering::Relaxed),
+            Err(_) => self.stats.fetch_errors.fetch_add(1, Ordering::Relaxed),
+        };
+        read
+    }
+
     /// Whether `key` is cached or being fetched.
     fn cached_or_pending(&self, key: &SpanKey) -> bool {
         self.cache.contains(key)
@@ -325,7 +334,7 @@ impl SpanStore {
     }
 
     /// Of spans `ids` of `blob`, those neither cached nor being fetched.
-    pub fn missing(&self, blob: &BlobLocator, ids: Range<usize>) -> Vec<usize> {
+    fn missing(&self, blob: &BlobLocator, ids: Range<usize>) -> Vec<usize> {
         ids.filter(|&i| !self.cached_or_pending(&SpanKey::new(&blob.digest, i)))
             .collect()
     }
@@ -347,11 +356,8 @@ impl SpanStore {
             }
         });
         // The windows of those spans, several per request: they are small.
-        let runs = match windows {
-            Some(w) => self.window_runs(w, ztoc, ids),
-            None => Vec::new(),
-        };
-        let windows = windows.into_iter().flat_map(|w| {
+        let runs = windows.map(|w| (w, self.window_runs(w, ztoc, ids)));
+        let windows = runs.iter().flat_map(|(w, runs)| {
             runs.iter().map(move |run| async move {
                 for r in self.fetch_windows(w, ztoc, run, Purpose::Ahead).await {
                     if let Err(e) = r {
@@ -390,17 +396,13 @@ impl SpanStore {
         let range = r.offset..r.offset + u64::from(r.len);
         let mut last = String::new();
         for _ in 0..2 {
-            let data = match self.fetchers.read_range(windows, range.clone()).await {
+            let data = match self.read_counted(windows, range.clone()).await {
                 Ok(d) => d,
                 Err(e) => {
-                    self.stats.fetch_errors.fetch_add(1, Ordering::Relaxed);
                     traced.done(0, "error");
                     return Err(e);
                 }
             };
-            self.stats
-                .bytes_fetched
-                .fetch_add(data.len() as u64, Ordering::Relaxed);
             match crate::ztoc::table::open_window(&r, &data) {
                 Ok(w) => {
                     let w = Bytes::from(w.into_vec());
@@ -433,17 +435,13 @@ impl SpanStore {
         let mut last = None;
         // One more try on a digest mismatch: a proxy or connection may have altered the bytes.
         for _ in 0..2 {
-            let data = match self.fetchers.read_range(blob, range.clone()).await {
+            let data = match self.read_counted(blob, range.clone()).await {
                 Ok(d) => d,
                 Err(e) => {
-                    self.stats.fetch_errors.fetch_add(1, Ordering::Relaxed);
                     traced.done(0, "error");
                     return Err(e);
                 }
             };
-            self.stats
-                .bytes_fetched
-                .fetch_add(data.len() as u64, Ordering::Relaxed);
             match verify_span(ztoc, id, &data) {
                 Ok(()) => {
                     self.stats.spans_fetched.fetch_add(1, Ordering::Relaxed);

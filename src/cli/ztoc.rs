@@ -65,9 +65,14 @@ pub enum ZtocCommand {
 static ARTIFACTS: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
 
 /// A zTOC file, or a `sha256:` digest of one in the local artifact store.
-fn load(path: &Path) -> Result<(Vec<u8>, Ztoc)> {
+/// The digest `path` names when it is not a file but a zTOC in the artifact store.
+fn stored_digest(path: &Path) -> Option<String> {
     let name = path.to_string_lossy();
-    let bytes = if !path.exists() && crate::reference::is_digest(&name) {
+    (!path.exists() && crate::reference::is_digest(&name)).then(|| name.into_owned())
+}
+
+fn load(path: &Path) -> Result<(Vec<u8>, Ztoc)> {
+    let bytes = if let Some(name) = stored_digest(path) {
         let dir = ARTIFACTS
             .get()
             .cloned()
@@ -290,13 +295,12 @@ fn get_file(
 ) -> Result<()> {
     let (bytes, z) = load(ztoc_path)?;
     // A zTOC named by digest (artifact store) is checked against that name.
-    let by_name = ztoc_path.to_string_lossy();
-    let expected = ztoc_digest.or_else(|| {
-        (!ztoc_path.exists() && crate::reference::is_digest(&by_name)).then_some(&*by_name)
-    });
-    match expected {
+    match ztoc_digest
+        .map(str::to_string)
+        .or_else(|| stored_digest(ztoc_path))
+    {
         Some(want) => {
-            let got = crate::index::sha256_digest(&bytes);
+            let got = Ztoc::digest_of(&bytes);
             if got != want {
                 bail!(
                     "{} is not the zTOC {want} (its digest is {got})",

@@ -530,7 +530,7 @@ impl<S: SpanSource> LayerReader<S> {
         // Read-ahead only for a file read sequentially (each read where an earlier one ended):
         // page faults of a mapped library and one-shot reads of small files would mostly fetch
         // spans nobody reads before the start is over.
-        let sequential = self.continues(data_idx, offset, offset + n as u64);
+        let sequential = self.read_ahead > 0 && self.continues(data_idx, offset, offset + n as u64);
         let file_end = sequential.then_some(e.offset + e.size);
         self.read_within(e.offset + offset, &mut buf[..n], file_end)
     }
