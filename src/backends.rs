@@ -12,7 +12,7 @@ use serde::Deserialize;
 use crate::cache::{DiskCache, MemoryCache, SpanCache, TieredCache};
 use crate::config::{de_size, BackendConfig, Config, ConfigError};
 use crate::fetch::local::LocalFetcher;
-use crate::fetch::registry::{RegistryFetcher, RegistryOptions};
+use crate::fetch::registry::{RegistryClient, RegistryFetcher, RegistryOptions};
 use crate::fetch::s3::{S3Fetcher, S3Options};
 use crate::fetch::{Fetcher, FetcherChain};
 use crate::spans::SpanStore;
@@ -30,6 +30,18 @@ pub type CacheFactory = Factory<dyn SpanCache>;
 /// misspelt key is an error naming it).
 pub fn parse_options<T: DeserializeOwned>(opts: &Options) -> anyhow::Result<T> {
     Ok(toml::Value::Table(opts.clone()).try_into::<T>()?)
+}
+
+/// The client of commands that write to registries or read whole images from them (`convert`,
+/// `create`, `mirror`), with the options of the first configured `registry` fetcher (insecure
+/// registries, auth files), else the defaults. What the store and the other commands read goes
+/// through the fetcher chain instead.
+pub fn registry_client(config: &Config) -> anyhow::Result<Arc<RegistryClient>> {
+    let opts = match config.fetchers.iter().find(|f| f.kind == "registry") {
+        Some(b) => parse_options(&b.options)?,
+        None => RegistryOptions::default(),
+    };
+    Ok(Arc::new(RegistryClient::new(opts)?))
 }
 
 /// Checks a backend's options without making it (no directories created, nothing opened).

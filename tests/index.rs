@@ -11,7 +11,8 @@ use std::sync::Arc;
 use common::podman::Podman;
 use common::servers::{registry, Pusher, RegistryOpts, Server};
 use common::*;
-use soci_store::fetch::registry::{RegistryClient, RegistryOptions};
+use soci_store::fetch::registry::{RegistryClient, RegistryFetcher, RegistryOptions};
+use soci_store::fetch::FetcherChain;
 use soci_store::index::discover::{fetch_ztoc, validate_index, IndexKind};
 use soci_store::index::*;
 use soci_store::reference::Reference;
@@ -72,14 +73,26 @@ impl Env {
     }
 
     fn client(&self) -> RegistryClient {
-        RegistryClient::new(RegistryOptions {
+        RegistryClient::new(self.options()).unwrap()
+    }
+
+    fn options(&self) -> RegistryOptions {
+        RegistryOptions {
             insecure: vec![self.reg.addr()],
             registries_conf: None,
             auth_files: Some(vec![]),
             ..Default::default()
-        })
-        .unwrap()
+        }
     }
+
+    /// What the store reads through: a chain of one registry fetcher.
+    fn fetchers(&self) -> FetcherChain {
+        chain(self.options())
+    }
+}
+
+fn chain(opts: RegistryOptions) -> FetcherChain {
+    FetcherChain::new(vec![Arc::new(RegistryFetcher::new(opts).unwrap())])
 }
 
 async fn get(client: &RegistryClient, r: &str) -> (bytes::Bytes, String) {
@@ -198,7 +211,9 @@ async fn convert_makes_a_valid_soci_enabled_image() {
     let store = ArtifactStore::open(env.dir.path().join("fetched")).unwrap();
     let r = Reference::parse(&env.image(":v1-soci")).unwrap();
     for (i, z) in parsed.layers.iter().enumerate() {
-        let ztoc = fetch_ztoc(&client, Some(&store), &r, z).await.unwrap();
+        let ztoc = fetch_ztoc(&env.fetchers(), Some(&store), &r, z)
+            .await
+            .unwrap();
         assert_eq!(ztoc.span_size, 1 << 20);
         let reader = LayerReader::new(Arc::new(ztoc), env.layers[i].1.clone());
         let all = reader
@@ -435,13 +450,12 @@ async fn discovery_through_the_referrers_api() {
         annotations: Default::default(),
     });
     let (port, task) = referrers_responder(env.reg.port, listing).await;
-    let via = RegistryClient::new(RegistryOptions {
+    let via = chain(RegistryOptions {
         insecure: vec![format!("127.0.0.1:{port}")],
         registries_conf: None,
         auth_files: Some(vec![]),
         ..Default::default()
-    })
-    .unwrap();
+    });
     let r = Reference::parse(&format!("127.0.0.1:{port}/test/app:v1")).unwrap();
     let found = discover(&via, None, &r, &Platform::host())
         .await
@@ -451,7 +465,7 @@ async fn discovery_through_the_referrers_api() {
     assert_eq!(found.kind, IndexKind::V1);
     // Without the responder, the plain registry has neither referrers nor the fallback tag.
     let direct = Reference::parse(&env.image(":v1")).unwrap();
-    assert!(discover(&client, None, &direct, &Platform::host())
+    assert!(discover(&env.fetchers(), None, &direct, &Platform::host())
         .await
         .unwrap()
         .is_none());
@@ -554,7 +568,7 @@ fn bad_indexes_are_rejected_with_clear_errors() {
 #[tokio::test(flavor = "multi_thread")]
 async fn missing_or_corrupt_ztocs_are_errors() {
     let env = setup().await;
-    let client = env.client();
+    let client = env.fetchers();
     let r = Reference::parse(&env.image(":v1")).unwrap();
     // A zTOC the registry does not have.
     let missing = Descriptor::new(MT_ZTOC, sha256_digest(b"no such ztoc"), 100);

@@ -300,6 +300,78 @@ fn blob_gets(log: &str, digest: &str) -> usize {
         .count()
 }
 
+/// A host whose store reads only an S3 mirror (filled by `soci-store mirror`): podman still asks
+/// its registry for the manifest, the store takes manifests, config, index, zTOC tables, windows
+/// and spans from the mirror, and the container starts lazily without the store ever asking the
+/// registry.
+#[tokio::test(flavor = "multi_thread")]
+async fn mirror_only_store_starts_lazily_without_the_registry() {
+    let env = setup().await;
+    let s3 = common::servers::moto(&["mirror"]).await;
+    let image = format!("{}/test/app:v1-soci", env.reg.addr());
+    let endpoint = format!("http://{}", s3.addr());
+    let out = Command::new(env!("CARGO_BIN_EXE_soci-store"))
+        .arg("--config")
+        .arg(&env.cfg)
+        .args(["mirror", &image, "s3://mirror/pre", "--endpoint", &endpoint])
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("1 tags recorded"), "{said}");
+
+    let a = env.dir.path().display();
+    let cfg = env.dir.path().join("mirror-only.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "artifacts = \"{a}/mirror-artifacts\"\nstate_dir = \"{a}/mirror-state\"\n\
+             [[fetchers]]\ntype = \"s3\"\nbucket = \"mirror\"\nprefix = \"pre\"\nendpoint = \"{endpoint}\"\n\
+             region = \"us-east-1\"\naccess_key_id = \"testing\"\nsecret_access_key = \"testing\"\n\
+             [cache]\ntype = \"memory\"\nmax_bytes = \"64MiB\"\n"
+        ),
+    )
+    .unwrap();
+    let plain = Podman::new().listing(&format!("{}/test/app:v1", env.reg.addr()));
+    let mnt = env.dir.path().join("store");
+    let daemon = Daemon::start(&cfg, &mnt, &env.dir.path().join("daemon.log"));
+    let log_before = env.reg.log_text().len();
+    let mut lazy = Podman::new();
+    lazy.storage_opts.push(format!(
+        "overlay.additionallayerstore={}:ref",
+        mnt.display()
+    ));
+    assert_eq!(lazy.listing(&image), plain);
+    let dlog = daemon.log_text();
+    assert!(dlog.contains(" use"), "podman used the store: {dlog}");
+    let log = env.reg.log_text()[log_before..].to_string();
+    assert_indexed_layers_not_downloaded_whole(&env, &log);
+    let from_store: Vec<&str> = log.lines().filter(|l| l.contains("soci-store/")).collect();
+    assert!(
+        from_store.is_empty(),
+        "the store asked the registry:\n{}",
+        from_store.join("\n")
+    );
+    assert!(
+        log.contains("/manifests/v1-soci"),
+        "podman read its manifest from the registry:\n{log}"
+    );
+    // The CLI's discovery reads the mirror alone too.
+    let found = common::soci_store_ok(&cfg, &["index", "discover", &image]);
+    assert!(found.contains("(2 zTOCs"), "{found}");
+    let log = env.reg.log_text()[log_before..].to_string();
+    assert!(
+        !log.contains("soci-store/"),
+        "discover asked the registry:\n{log}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn podman_4_pulls_and_runs_lazily_through_the_store() {
     let env = setup().await;

@@ -2,7 +2,6 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
@@ -10,7 +9,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use super::CliContext;
-use crate::fetch::registry::{RegistryClient, RegistryOptions};
+use crate::fetch::registry::RegistryClient;
 use crate::fetch::s3::{parse_s3_url, S3Fetcher, S3Options};
 use crate::fetch::BlobLocator;
 use crate::reference::Reference;
@@ -120,23 +119,6 @@ pub struct MirrorArgs {
     region: Option<String>,
 }
 
-const MANIFEST_TYPES: &[&str] = &[
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-];
-
-/// The registry options of the first configured `registry` fetcher (for insecure registries and
-/// auth files), else the defaults.
-fn registry_options(ctx: &CliContext) -> Result<RegistryOptions> {
-    let config = ctx.config()?;
-    match config.fetchers.iter().find(|f| f.kind == "registry") {
-        Some(b) => crate::backends::parse_options(&b.options),
-        None => Ok(RegistryOptions::default()),
-    }
-}
-
 impl MirrorArgs {
     pub fn run(self, ctx: &CliContext) -> Result<()> {
         let image = Reference::parse(&self.image)?;
@@ -148,55 +130,102 @@ impl MirrorArgs {
             region: self.region.clone(),
             ..Default::default()
         })?;
-        let client = Arc::new(RegistryClient::new(registry_options(ctx)?)?);
+        let client = crate::backends::registry_client(&ctx.config()?)?;
         let rt = ctx.runtime()?;
-        let (copied, skipped, bytes) = rt.block_on(mirror(&client, &s3, &image))?;
+        let (copied, skipped, bytes, tags) = rt.block_on(mirror(&client, &s3, &image))?;
         super::print_out(&format!(
-            "{image}: copied {copied} blobs ({bytes} bytes), {skipped} already there\n"
+            "{image}: copied {copied} blobs ({bytes} bytes), {skipped} already there; {tags} tags recorded\n"
         ))
     }
 }
 
-/// Every blob digest an image needs, manifests included, walking indexes and SOCI indexes.
-async fn collect(
-    client: &RegistryClient,
-    image: &Reference,
-) -> Result<Vec<(String, Option<bytes::Bytes>)>> {
-    let mut out: Vec<(String, Option<bytes::Bytes>)> = Vec::new();
+/// What a mirror-only host needs of an image: every blob (manifests and indexes included) and
+/// the tags that name manifests.
+#[derive(Default)]
+struct Needed {
+    /// Digest and, for manifests and indexes, the bytes already read.
+    blobs: Vec<(String, Option<bytes::Bytes>)>,
+    /// Tag → (manifest digest, media type): the reference's own tag and the SOCI v1 referrers
+    /// fallback tags (`sha256-<hex>`), so discovery works from the mirror alone.
+    tags: Vec<(Reference, String, String)>,
+}
+
+impl Needed {
+    fn add_blob(&mut self, digest: &str, data: Option<bytes::Bytes>) -> bool {
+        if self.blobs.iter().any(|(d, _)| d == digest) {
+            return false;
+        }
+        self.blobs.push((digest.to_string(), data));
+        true
+    }
+}
+
+/// Walks the image from its reference: image indexes, manifests, their configs and layers, SOCI
+/// v2 indexes (manifest annotation) and v1 indexes (referrers API or fallback tag) with their
+/// zTOCs, tables, windows and prefetch artifacts.
+async fn collect(client: &RegistryClient, image: &Reference) -> Result<Needed> {
+    use crate::index::{
+        declared_media_type, is_index_type, parse_index, parse_manifest, ANN_INDEX_DIGEST,
+        MANIFEST_TYPES, MT_OCI_INDEX, MT_SOCI_INDEX_V1, MT_SOCI_INDEX_V2,
+    };
+    let mut out = Needed::default();
     let mut queue = vec![image.clone()];
     while let Some(r) = queue.pop() {
-        let (data, _media_type, digest) = client.manifest(&r, MANIFEST_TYPES).await?;
-        if out.iter().any(|(d, _)| *d == digest) {
+        let (data, served, digest) = client.manifest(&r, MANIFEST_TYPES).await?;
+        let media_type = declared_media_type(&data, &served);
+        if r.digest.is_none() {
+            out.tags
+                .push((r.clone(), digest.clone(), media_type.clone()));
+        }
+        if !out.add_blob(&digest, Some(data.clone())) {
             continue;
         }
-        let doc: serde_json::Value =
-            serde_json::from_slice(&data).with_context(|| format!("{r}: manifest is not JSON"))?;
-        out.push((digest, Some(data)));
-        if let Some(manifests) = doc.get("manifests").and_then(|m| m.as_array()) {
-            for m in manifests {
-                if let Some(d) = m.get("digest").and_then(|d| d.as_str()) {
-                    queue.push(image.with_digest(d));
-                }
-            }
+        if is_index_type(&media_type) {
+            let index = parse_index(&data).with_context(|| format!("{r}"))?;
+            queue.extend(index.manifests.iter().map(|m| image.with_digest(&m.digest)));
+            continue;
         }
-        if let Some(d) = doc
-            .pointer("/annotations/com.amazon.soci.index-digest")
-            .and_then(|d| d.as_str())
-        {
+        let m = parse_manifest(&data).with_context(|| format!("{r}"))?;
+        for b in std::iter::once(&m.config).chain(&m.layers) {
+            out.add_blob(&b.digest, None);
+        }
+        if let Some(d) = m.annotations.get(ANN_INDEX_DIGEST) {
             queue.push(image.with_digest(d));
         }
-        let blobs = doc.get("config").into_iter().chain(
-            doc.get("layers")
-                .and_then(|l| l.as_array())
-                .into_iter()
-                .flatten(),
-        );
-        for b in blobs {
-            if let Some(d) = b.get("digest").and_then(|d| d.as_str()) {
-                if !out.iter().any(|(x, _)| x == d) {
-                    out.push((d.to_string(), None));
-                }
+        // SOCI v1 indexes name this manifest as their subject: a listing of them, kept under
+        // the fallback tag (what discovery reads when a mirror has no referrers API).
+        let is_soci = [MT_SOCI_INDEX_V1, MT_SOCI_INDEX_V2].contains(&m.config.media_type.as_str());
+        if is_soci || m.subject.is_some() {
+            continue;
+        }
+        let fallback = Reference {
+            tag: Some(format!("sha256-{}", digest.trim_start_matches("sha256:"))),
+            digest: None,
+            ..image.clone()
+        };
+        let listing = match client.referrers(image, &digest, MT_SOCI_INDEX_V1).await? {
+            Some(b) => Some(b),
+            None => match client.manifest(&fallback, &[MT_OCI_INDEX]).await {
+                Ok((b, _, _)) => Some(b),
+                Err(crate::fetch::FetchError::NotFound(_)) => None,
+                Err(e) => return Err(e.into()),
+            },
+        };
+        if let Some(listing) = listing {
+            let index = parse_index(&listing).with_context(|| format!("{fallback}"))?;
+            let socis: Vec<_> = index
+                .manifests
+                .iter()
+                .filter(|d| d.artifact_type.as_deref() == Some(MT_SOCI_INDEX_V1))
+                .collect();
+            if socis.is_empty() {
+                continue;
             }
+            queue.extend(socis.iter().map(|d| image.with_digest(&d.digest)));
+            let listing_digest = crate::index::sha256_digest(&listing);
+            out.add_blob(&listing_digest, Some(listing));
+            out.tags
+                .push((fallback, listing_digest, MT_OCI_INDEX.to_string()));
         }
     }
     Ok(out)
@@ -206,9 +235,10 @@ async fn mirror(
     client: &RegistryClient,
     s3: &S3Fetcher,
     image: &Reference,
-) -> Result<(usize, usize, u64)> {
+) -> Result<(usize, usize, u64, usize)> {
     let (mut copied, mut skipped, mut bytes) = (0, 0, 0u64);
-    for (digest, inline) in collect(client, image).await? {
+    let needed = collect(client, image).await?;
+    for (digest, inline) in needed.blobs {
         let loc = BlobLocator::new(image.clone(), digest.clone());
         let hex = loc.hex()?.to_string();
         if s3.exists(&hex).await? {
@@ -257,5 +287,11 @@ async fn mirror(
             }
         }
     }
-    Ok((copied, skipped, bytes))
+    // Tags last: a tag never names a manifest the mirror does not hold.
+    for (tag, digest, media_type) in &needed.tags {
+        s3.put_tag(tag, digest, media_type)
+            .await
+            .with_context(|| format!("recording tag {tag}"))?;
+    }
+    Ok((copied, skipped, bytes, needed.tags.len()))
 }

@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 use std::io::{IsTerminal, Write};
 
 use super::{parse_size, CliContext};
-use crate::fetch::registry::{RegistryClient, RegistryOptions};
+use crate::fetch::registry::RegistryClient;
 use crate::index::convert::{self, ConvertOptions, LayerReport, Platforms, Progress};
 use crate::index::image::{Endpoint, ImageRef};
 use crate::index::{discover, ArtifactStore, Platform};
@@ -204,12 +204,7 @@ fn progress(build: &BuildArgs) -> Box<dyn Progress> {
 }
 
 fn client(ctx: &CliContext) -> Result<Arc<RegistryClient>> {
-    let config = ctx.config()?;
-    let opts = match config.fetchers.iter().find(|f| f.kind == "registry") {
-        Some(b) => crate::backends::parse_options(&b.options)?,
-        None => RegistryOptions::default(),
-    };
-    Ok(Arc::new(RegistryClient::new(opts)?))
+    crate::backends::registry_client(&ctx.config()?)
 }
 
 fn store(ctx: &CliContext) -> Result<ArtifactStore> {
@@ -320,7 +315,7 @@ impl IndexCommand {
                 super::print_out(&format!("{}\n", serde_json::to_string_pretty(&v)?))
             }
             IndexCommand::Discover { image, platform } => {
-                let client = client(ctx)?;
+                let fetchers = ctx.backends.build_fetchers(&ctx.config()?)?;
                 let store = store(ctx)?;
                 let r = Reference::parse(&image)?;
                 let platform = match platform {
@@ -329,7 +324,7 @@ impl IndexCommand {
                 };
                 let found =
                     ctx.runtime()?
-                        .block_on(discover(&client, Some(&store), &r, &platform))?;
+                        .block_on(discover(&fetchers, Some(&store), &r, &platform))?;
                 match found {
                     Some(d) => {
                         let count =

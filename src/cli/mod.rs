@@ -37,8 +37,8 @@ enum Command {
     /// Read blobs through the configured fetchers.
     #[command(subcommand)]
     Blob(blob::BlobCommand),
-    /// Copy an image's blobs (layers, configs, manifests, SOCI indexes and zTOCs) to an S3 mirror,
-    /// skipping what is already there.
+    /// Copy what a host needs to serve an image from an S3 mirror alone (layers, configs,
+    /// manifests, tags, SOCI indexes, zTOCs and prefetch artifacts), skipping blobs already there.
     Mirror(blob::MirrorArgs),
     /// Make a SOCI-enabled image (index manifest v2): zTOCs, SOCI index, annotated manifests.
     Convert(index::ConvertArgs),

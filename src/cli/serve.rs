@@ -8,7 +8,6 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use super::CliContext;
-use crate::fetch::registry::{RegistryClient, RegistryOptions};
 use crate::index::ArtifactStore;
 use crate::store::{self, StoreContext};
 
@@ -49,16 +48,11 @@ impl ServeArgs {
             spans.set_tracer(t);
         }
         let spans = Arc::new(spans);
-        let opts: RegistryOptions = match config.fetchers.iter().find(|f| f.kind == "registry") {
-            Some(b) => crate::backends::parse_options(&b.options)?,
-            None => RegistryOptions::default(),
-        };
-        let client = Arc::new(RegistryClient::new(opts)?);
         let artifacts = ArtifactStore::open(&config.artifacts).with_context(|| {
             format!("opening the artifact store {}", config.artifacts.display())
         })?;
         let rt = ctx.runtime()?;
-        let mut sc = StoreContext::new(client, spans, Some(artifacts), rt.handle().clone());
+        let mut sc = StoreContext::new(spans, Some(artifacts), rt.handle().clone());
         sc.lookup_timeout = Duration::from_secs_f64(self.lookup_timeout);
         sc.background_fetch = !self.no_background_fetch;
         sc.background_rate = self.background_rate;

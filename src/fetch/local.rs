@@ -8,7 +8,8 @@ use std::path::PathBuf;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{BlobLocator, FetchError, Fetcher};
+use super::{BlobLocator, FetchError, FetchedManifest, Fetcher};
+use crate::reference::Reference;
 
 /// Reads blobs from an OCI layout directory.
 #[derive(Debug)]
@@ -55,6 +56,73 @@ impl Fetcher for LocalFetcher {
         f.metadata()
             .map(|m| m.len())
             .map_err(|e| FetchError::Backend(e.to_string()))
+    }
+
+    /// By digest, or by tag: the `index.json` entry whose `org.opencontainers.image.ref.name`
+    /// is the tag (as `skopeo copy … oci:DIR:TAG` writes it).
+    async fn manifest(
+        &self,
+        reference: &Reference,
+        _accept: &[&str],
+    ) -> Result<FetchedManifest, FetchError> {
+        let max = crate::fetch::registry::MAX_MANIFEST_BYTES as u64;
+        let read = |path: PathBuf| -> Result<Vec<u8>, FetchError> {
+            use std::io::Read;
+            let mut data = Vec::new();
+            let f = std::fs::File::open(&path).map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => {
+                    FetchError::NotFound(format!("{} in {}", reference, self.root.display()))
+                }
+                _ => FetchError::Backend(format!("{}: {e}", path.display())),
+            })?;
+            f.take(max + 1)
+                .read_to_end(&mut data)
+                .map_err(|e| FetchError::Backend(format!("{}: {e}", path.display())))?;
+            if data.len() as u64 > max {
+                return Err(FetchError::Invalid(format!(
+                    "{}: larger than the {max} bytes accepted for a manifest",
+                    path.display()
+                )));
+            }
+            Ok(data)
+        };
+        let (digest, media_type) = match (&reference.digest, &reference.tag) {
+            (Some(d), _) => (d.clone(), String::new()),
+            (None, Some(tag)) => {
+                #[derive(serde::Deserialize)]
+                struct Entry {
+                    digest: String,
+                    #[serde(rename = "mediaType", default)]
+                    media_type: String,
+                    #[serde(default)]
+                    annotations: std::collections::HashMap<String, String>,
+                }
+                #[derive(serde::Deserialize)]
+                struct Index {
+                    manifests: Vec<Entry>,
+                }
+                let raw = read(self.root.join("index.json"))?;
+                let index: Index = serde_json::from_slice(&raw).map_err(|e| {
+                    FetchError::Backend(format!("{}/index.json: {e}", self.root.display()))
+                })?;
+                let entry = index
+                    .manifests
+                    .into_iter()
+                    .find(|m| m.annotations.get("org.opencontainers.image.ref.name") == Some(tag))
+                    .ok_or_else(|| {
+                        FetchError::NotFound(format!("tag {tag:?} in {}", self.root.display()))
+                    })?;
+                (entry.digest, entry.media_type)
+            }
+            (None, None) => {
+                return Err(FetchError::Invalid(format!(
+                    "{reference} names neither a tag nor a digest"
+                )))
+            }
+        };
+        let blob = BlobLocator::new(reference.clone(), digest.clone());
+        let data = read(self.path(&blob)?)?;
+        FetchedManifest::checked(data.into(), media_type, Some(&digest), reference)
     }
 
     async fn read_range(&self, blob: &BlobLocator, range: Range<u64>) -> Result<Bytes, FetchError> {

@@ -79,6 +79,40 @@ impl FetchError {
     }
 }
 
+/// A manifest or image index as a backend holds it.
+#[derive(Clone, Debug)]
+pub struct FetchedManifest {
+    pub data: Bytes,
+    /// The media type the backend declared (an HTTP `Content-Type`, a mirror's tag record);
+    /// empty when it declared none.
+    pub media_type: String,
+    /// `sha256:<hex>` of `data`.
+    pub digest: String,
+}
+
+impl FetchedManifest {
+    /// Wraps `data`, computing its digest; with `want`, content of another digest is an
+    /// integrity error (never returned).
+    pub fn checked(
+        data: Bytes,
+        media_type: impl Into<String>,
+        want: Option<&str>,
+        what: &dyn fmt::Display,
+    ) -> Result<Self, FetchError> {
+        let digest = crate::index::sha256_digest(&data);
+        if let Some(want) = want.filter(|w| *w != digest) {
+            return Err(FetchError::Integrity(format!(
+                "{what}: manifest content has digest {digest}, not {want}"
+            )));
+        }
+        Ok(FetchedManifest {
+            data,
+            media_type: media_type.into(),
+            digest,
+        })
+    }
+}
+
 /// A source of blob bytes. Implementations must return exactly the bytes asked for.
 #[async_trait]
 pub trait Fetcher: Send + Sync + fmt::Debug {
@@ -90,6 +124,39 @@ pub trait Fetcher: Send + Sync + fmt::Debug {
 
     /// Bytes `[range.start, range.end)` of the blob.
     async fn read_range(&self, blob: &BlobLocator, range: Range<u64>) -> Result<Bytes, FetchError>;
+
+    /// The manifest or image index `reference` names (by digest when it has one, else by tag),
+    /// for backends that hold manifests; `accept` lists the media types the caller understands.
+    /// The default holds none (`NotFound`), and the next fetcher is asked.
+    async fn manifest(
+        &self,
+        reference: &Reference,
+        accept: &[&str],
+    ) -> Result<FetchedManifest, FetchError> {
+        let _ = accept;
+        Err(FetchError::NotFound(format!(
+            "{}: the {} fetcher holds no manifests",
+            reference,
+            self.name()
+        )))
+    }
+
+    /// The referrers of manifest `subject` in `reference`'s repository with `artifact_type`, as
+    /// an OCI image index; `Ok(None)` when the backend has a referrers API and it lists nothing.
+    /// The default has no referrers API (`NotFound`): callers then look for the fallback tag.
+    async fn referrers(
+        &self,
+        reference: &Reference,
+        subject: &str,
+        artifact_type: &str,
+    ) -> Result<Option<Bytes>, FetchError> {
+        let _ = (subject, artifact_type);
+        Err(FetchError::NotFound(format!(
+            "{}: the {} fetcher has no referrers API",
+            reference.name(),
+            self.name()
+        )))
+    }
 
     /// Several ranges: adjacent or overlapping ones are merged into one request, and the requests
     /// run concurrently.
@@ -157,7 +224,11 @@ impl FetcherChain {
         &self.fetchers
     }
 
-    async fn first_hit<'a, T, F>(&'a self, blob: &BlobLocator, f: F) -> Result<T, FetchError>
+    async fn first_hit<'a, T, F>(
+        &'a self,
+        blob: &(dyn fmt::Display + Sync),
+        f: F,
+    ) -> Result<T, FetchError>
     where
         F: Fn(&'a Arc<dyn Fetcher>) -> futures::future::BoxFuture<'a, Result<T, FetchError>>,
     {
@@ -199,6 +270,49 @@ impl FetcherChain {
     ) -> Result<Bytes, FetchError> {
         self.first_hit(blob, |f| f.read_range(blob, range.clone()))
             .await
+    }
+
+    /// A whole blob of `size` bytes, checked against its digest.
+    pub async fn read_blob(&self, blob: &BlobLocator, size: u64) -> Result<Bytes, FetchError> {
+        let data = self.read_range(blob, 0..size).await?;
+        if crate::index::sha256_digest(&data) != blob.digest {
+            return Err(FetchError::Integrity(format!(
+                "{blob}: content does not match its digest"
+            )));
+        }
+        Ok(data)
+    }
+
+    /// The manifest `reference` names, from the first fetcher that holds it; one named by
+    /// digest is checked against it whichever backend answered.
+    pub async fn manifest(
+        &self,
+        reference: &Reference,
+        accept: &[&str],
+    ) -> Result<FetchedManifest, FetchError> {
+        let m = self
+            .first_hit(reference, |f| f.manifest(reference, accept))
+            .await?;
+        FetchedManifest::checked(m.data, m.media_type, reference.digest.as_deref(), reference)
+    }
+
+    /// Referrers from the first fetcher with a referrers API; `Ok(None)` when none has one or
+    /// it lists nothing.
+    pub async fn referrers(
+        &self,
+        reference: &Reference,
+        subject: &str,
+        artifact_type: &str,
+    ) -> Result<Option<Bytes>, FetchError> {
+        match self
+            .first_hit(reference, |f| {
+                f.referrers(reference, subject, artifact_type)
+            })
+            .await
+        {
+            Err(FetchError::NotFound(_)) => Ok(None),
+            other => other,
+        }
     }
 }
 

@@ -1,4 +1,6 @@
-//! An S3 (or S3-compatible) bucket mirroring blobs as `<prefix>/blobs/sha256/<hex>`.
+//! An S3 (or S3-compatible) bucket mirroring blobs as `<prefix>/blobs/sha256/<hex>` (manifests
+//! and indexes are blobs too) and tags as `<prefix>/tags/<registry>/<repository>/<tag>` (a small
+//! JSON record: the manifest's digest and media type), as `soci-store mirror` writes them.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -10,7 +12,8 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use serde::{Deserialize, Serialize};
 
-use super::{BlobLocator, FetchError, Fetcher};
+use super::{BlobLocator, FetchError, FetchedManifest, Fetcher};
+use crate::reference::Reference;
 
 /// Options of the `s3` fetcher (config keys). Unset credentials and region come from the usual
 /// AWS environment variables.
@@ -41,6 +44,17 @@ pub fn parse_s3_url(url: &str) -> Result<(String, String), FetchError> {
     }
     Ok((bucket.to_string(), prefix.trim_matches('/').to_string()))
 }
+
+/// What a tag object holds.
+#[derive(Debug, Deserialize, Serialize)]
+struct TagRecord {
+    digest: String,
+    #[serde(rename = "mediaType", default)]
+    media_type: String,
+}
+
+/// Largest tag record read.
+const MAX_TAG_RECORD: u64 = 64 << 10;
 
 /// Blobs in an S3 bucket.
 #[derive(Debug, Clone)]
@@ -105,6 +119,56 @@ impl S3Fetcher {
         }
     }
 
+    /// Where the record of `reference`'s tag lives; None without a tag.
+    pub fn tag_path(&self, reference: &Reference) -> Option<Path> {
+        let tag = reference.tag.as_deref()?;
+        let parts = self
+            .prefix
+            .split('/')
+            .filter(|p| !p.is_empty())
+            .chain(["tags", reference.registry.as_str()])
+            .chain(reference.repository.split('/'))
+            .chain([tag]);
+        Some(Path::from_iter(parts))
+    }
+
+    /// Points `reference`'s tag at the manifest `digest` (which the mirror must hold as a blob).
+    pub async fn put_tag(
+        &self,
+        reference: &Reference,
+        digest: &str,
+        media_type: &str,
+    ) -> Result<(), FetchError> {
+        let path = self
+            .tag_path(reference)
+            .ok_or_else(|| FetchError::Invalid(format!("{reference} names no tag")))?;
+        let record = serde_json::to_vec(&TagRecord {
+            digest: digest.to_string(),
+            media_type: media_type.to_string(),
+        })
+        .expect("json");
+        self.store
+            .put(&path, record.into())
+            .await
+            .map(drop)
+            .map_err(map_err)
+    }
+
+    /// A whole object of at most `max` bytes.
+    async fn small_object(&self, path: &Path, max: u64) -> Result<Bytes, FetchError> {
+        let meta = self.store.head(path).await.map_err(map_err)?;
+        if meta.size > max {
+            return Err(FetchError::Invalid(format!(
+                "s3 object {path} has {} bytes, more than the {max} accepted",
+                meta.size
+            )));
+        }
+        self.store
+            .get_range(path, 0..meta.size)
+            .await
+            .map_err(map_err)
+    }
+
     /// Whether the blob is already there.
     pub async fn exists(&self, digest_hex: &str) -> Result<bool, FetchError> {
         match self.store.head(&self.blob_path(digest_hex)).await {
@@ -128,6 +192,31 @@ impl Fetcher for S3Fetcher {
             .await
             .map_err(map_err)?;
         Ok(meta.size)
+    }
+
+    async fn manifest(
+        &self,
+        reference: &Reference,
+        _accept: &[&str],
+    ) -> Result<FetchedManifest, FetchError> {
+        let max = crate::fetch::registry::MAX_MANIFEST_BYTES as u64;
+        let (digest, media_type) = match (&reference.digest, self.tag_path(reference)) {
+            (Some(d), _) => (d.clone(), String::new()),
+            (None, Some(tag)) => {
+                let raw = self.small_object(&tag, MAX_TAG_RECORD).await?;
+                let rec: TagRecord = serde_json::from_slice(&raw)
+                    .map_err(|e| FetchError::Backend(format!("s3 tag record {tag}: {e}")))?;
+                (rec.digest, rec.media_type)
+            }
+            (None, None) => {
+                return Err(FetchError::Invalid(format!(
+                    "{reference} names neither a tag nor a digest"
+                )))
+            }
+        };
+        let blob = BlobLocator::new(reference.clone(), digest.clone());
+        let data = self.small_object(&self.blob_path(blob.hex()?), max).await?;
+        FetchedManifest::checked(data, media_type, Some(&digest), reference)
     }
 
     async fn read_range(&self, blob: &BlobLocator, range: Range<u64>) -> Result<Bytes, FetchError> {

@@ -11,8 +11,7 @@ use super::{
     MANIFEST_TYPES, MT_OCI_MANIFEST, MT_SOCI_INDEX_V1, MT_SOCI_INDEX_V2, MT_ZTOC_TABLE,
     MT_ZTOC_WINDOWS,
 };
-use crate::fetch::registry::RegistryClient;
-use crate::fetch::{BlobLocator, FetchError};
+use crate::fetch::{BlobLocator, FetchError, FetcherChain};
 use crate::reference::Reference;
 use crate::ztoc::{format, Ztoc};
 
@@ -76,12 +75,13 @@ impl Discovered {
 /// The image manifest the reference names for `platform` (choosing from an index), as bytes,
 /// digest and parsed form.
 pub async fn resolve_image(
-    client: &RegistryClient,
+    fetchers: &FetcherChain,
     r: &Reference,
     platform: &Platform,
 ) -> Result<(Bytes, String, Manifest), IndexError> {
-    let (data, media_type, digest) = client.manifest(r, MANIFEST_TYPES).await?;
-    let media_type = super::declared_media_type(&data, &media_type);
+    let m = fetchers.manifest(r, MANIFEST_TYPES).await?;
+    let (data, digest) = (m.data, m.digest);
+    let media_type = super::declared_media_type(&data, &m.media_type);
     if !is_index_type(&media_type) {
         let m = parse_manifest(&data)?;
         return Ok((data, digest, m));
@@ -93,11 +93,11 @@ pub async fn resolve_image(
         .filter(|d| d.artifact_type.is_none())
         .find(|d| d.platform.as_ref().is_some_and(|p| platform.matches(p)))
         .ok_or_else(|| IndexError::NoPlatform(format!("{platform} in {r}")))?;
-    let (data, _, digest) = client
+    let m = fetchers
         .manifest(&r.with_digest(&pick.digest), MANIFEST_TYPES)
         .await?;
-    let m = parse_manifest(&data)?;
-    Ok((data, digest, m))
+    let parsed = parse_manifest(&m.data)?;
+    Ok((m.data, m.digest, parsed))
 }
 
 /// Checks that a SOCI index manifest is well formed, of the expected kind, and for this image.
@@ -146,7 +146,7 @@ pub fn validate_index(
 }
 
 async fn fetch_manifest_bytes(
-    client: &RegistryClient,
+    fetchers: &FetcherChain,
     store: Option<&ArtifactStore>,
     r: &Reference,
     digest: &str,
@@ -156,9 +156,10 @@ async fn fetch_manifest_bytes(
             return Ok(Bytes::from(b));
         }
     }
-    let (data, _, _) = client
+    let data = fetchers
         .manifest(&r.with_digest(digest), &[MT_OCI_MANIFEST])
-        .await?;
+        .await?
+        .data;
     if let Some(s) = store {
         s.put(&data)?;
     }
@@ -168,12 +169,12 @@ async fn fetch_manifest_bytes(
 /// Finds the SOCI index for `r` on `platform`; `Ok(None)` means there is none. A malformed or
 /// mismatched index is an error (callers log it and pull normally).
 pub async fn discover(
-    client: &RegistryClient,
+    fetchers: &FetcherChain,
     store: Option<&ArtifactStore>,
     r: &Reference,
     platform: &Platform,
 ) -> Result<Option<Discovered>, IndexError> {
-    let (_, image_digest, image) = resolve_image(client, r, platform).await?;
+    let (_, image_digest, image) = resolve_image(fetchers, r, platform).await?;
     let found = |index_digest: String, index: Manifest, kind| {
         // A record of an index built here stays as it is.
         if let Some(s) = store.filter(|s| matches!(s.index_record(&index_digest), Ok(None))) {
@@ -200,13 +201,16 @@ pub async fn discover(
     };
 
     if let Some(d) = image.annotations.get(ANN_INDEX_DIGEST) {
-        let data = fetch_manifest_bytes(client, store, r, d).await?;
+        let data = fetch_manifest_bytes(fetchers, store, r, d).await?;
         let index = validate_index(&data, d, IndexKind::V2, &image_digest, &image)?;
         return Ok(found(d.clone(), index, IndexKind::V2));
     }
 
     // v1: the referrers API, else the fallback tag.
-    let listing = match client.referrers(r, &image_digest, MT_SOCI_INDEX_V1).await? {
+    let listing = match fetchers
+        .referrers(r, &image_digest, MT_SOCI_INDEX_V1)
+        .await?
+    {
         Some(b) => Some(b),
         None => {
             let tag = format!("sha256-{}", image_digest.trim_start_matches("sha256:"));
@@ -215,8 +219,8 @@ pub async fn discover(
                 digest: None,
                 ..r.clone()
             };
-            match client.manifest(&fallback, &[super::MT_OCI_INDEX]).await {
-                Ok((b, _, _)) => Some(b),
+            match fetchers.manifest(&fallback, &[super::MT_OCI_INDEX]).await {
+                Ok(m) => Some(m.data),
                 Err(FetchError::NotFound(_)) => None,
                 Err(e) => return Err(e.into()),
             }
@@ -233,7 +237,7 @@ pub async fn discover(
         if !is_soci {
             continue;
         }
-        let data = fetch_manifest_bytes(client, store, r, &d.digest).await?;
+        let data = fetch_manifest_bytes(fetchers, store, r, &d.digest).await?;
         match validate_index(&data, &d.digest, IndexKind::V1, &image_digest, &image) {
             Ok(index) => return Ok(found(d.digest.clone(), index, IndexKind::V1)),
             Err(e) => {
@@ -251,28 +255,28 @@ pub async fn discover(
 /// A zTOC named by an index: from the store, or fetched from the image's repository, checked
 /// against its digest, kept, and parsed.
 pub async fn fetch_ztoc(
-    client: &RegistryClient,
+    fetchers: &FetcherChain,
     store: Option<&ArtifactStore>,
     r: &Reference,
     desc: &Descriptor,
 ) -> Result<Ztoc, IndexError> {
-    fetch_decoded(client, store, r, desc, format::decode).await
+    fetch_decoded(fetchers, store, r, desc, format::decode).await
 }
 
 /// A zTOC table (`ztoc::table`) named by an index, like [`fetch_ztoc`]: a zTOC whose windows
 /// are fetched per span from the windows blob.
 pub async fn fetch_table(
-    client: &RegistryClient,
+    fetchers: &FetcherChain,
     store: Option<&ArtifactStore>,
     r: &Reference,
     desc: &Descriptor,
 ) -> Result<Ztoc, IndexError> {
-    fetch_decoded(client, store, r, desc, crate::ztoc::table::decode_table).await
+    fetch_decoded(fetchers, store, r, desc, crate::ztoc::table::decode_table).await
 }
 
 /// An index artifact from the store, or fetched, verified, decoded and then kept.
 async fn fetch_decoded(
-    client: &RegistryClient,
+    fetchers: &FetcherChain,
     store: Option<&ArtifactStore>,
     r: &Reference,
     desc: &Descriptor,
@@ -289,16 +293,9 @@ async fn fetch_decoded(
             desc.media_type, desc.digest, desc.size
         )));
     }
-    let data = client
-        .blob_range(&BlobLocator::new(r.clone(), &desc.digest), 0..desc.size)
+    let data = fetchers
+        .read_blob(&BlobLocator::new(r.clone(), &desc.digest), desc.size)
         .await?;
-    if super::sha256_digest(&data) != desc.digest {
-        return Err(FetchError::Integrity(format!(
-            "{} {} does not match its digest",
-            desc.media_type, desc.digest
-        ))
-        .into());
-    }
     let z = decode(&data)?;
     if let Some(s) = store {
         s.put(&data)?;

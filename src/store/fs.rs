@@ -502,7 +502,7 @@ impl Filesystem for StoreFs {
                 if offset >= end {
                     return reply.data(&[]);
                 }
-                let fut = self.ctx.spans.fetchers().read_range(&l.blob, offset..end);
+                let fut = self.ctx.read_blob(&l, offset..end);
                 match self.ctx.runtime.block_on(fut) {
                     Ok(b) => reply.data(&b),
                     Err(e) => {

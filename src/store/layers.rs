@@ -10,7 +10,6 @@ use std::time::Duration;
 use tokio::sync::OnceCell;
 
 use super::tree::LayerTree;
-use crate::fetch::registry::RegistryClient;
 use crate::fetch::BlobLocator;
 use crate::index::discover::{self, fetch_table, fetch_ztoc, Discovered};
 use crate::index::{ArtifactStore, Descriptor, IndexError, Platform, MT_ZTOC, MT_ZTOC_TABLE};
@@ -31,7 +30,8 @@ type Memo<K, T> = Mutex<HashMap<K, Arc<OnceCell<Result<T, String>>>>>;
 
 /// What the store needs to resolve and serve layers.
 pub struct StoreContext {
-    pub client: Arc<RegistryClient>,
+    /// Every byte the store reads comes through here: manifests, configs, indexes and zTOCs
+    /// from its fetcher chain, spans from its cache and fetcher chain.
     pub spans: Arc<SpanStore>,
     pub artifacts: Option<ArtifactStore>,
     pub runtime: tokio::runtime::Handle,
@@ -99,13 +99,11 @@ fn cell<K: std::hash::Hash + Eq + Clone, T>(
 
 impl StoreContext {
     pub fn new(
-        client: Arc<RegistryClient>,
         spans: Arc<SpanStore>,
         artifacts: Option<ArtifactStore>,
         runtime: tokio::runtime::Handle,
     ) -> Self {
         StoreContext {
-            client,
             spans,
             artifacts,
             runtime,
@@ -127,25 +125,30 @@ impl StoreContext {
         }
     }
 
+    /// The fetcher chain everything is read through.
+    pub fn fetchers(&self) -> &crate::fetch::FetcherChain {
+        self.spans.fetchers()
+    }
+
     async fn image(&self, reference: &str) -> Result<Arc<ImageInfo>, String> {
         let c = cell(&self.images, &reference.to_string());
         c.get_or_init(|| async {
             let r = Reference::parse(reference).map_err(|e| e.to_string())?;
             let found =
-                discover::discover(&self.client, self.artifacts.as_ref(), &r, &self.platform)
+                discover::discover(self.fetchers(), self.artifacts.as_ref(), &r, &self.platform)
                     .await
                     .map_err(|e| e.to_string())?;
             let diff_ids = match &found {
                 Some(d) => {
                     let cfg = &d.image_manifest.config;
-                    let bytes = self
-                        .client
-                        .blob_range(&BlobLocator::new(r.clone(), &cfg.digest), 0..cfg.size)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    if crate::index::sha256_digest(&bytes) != cfg.digest {
-                        return Err(format!("{r}: image config does not match its digest"));
+                    if cfg.size > crate::fetch::registry::MAX_MANIFEST_BYTES as u64 {
+                        return Err(format!("{r}: image config of {} bytes", cfg.size));
                     }
+                    let bytes = self
+                        .fetchers()
+                        .read_blob(&BlobLocator::new(r.clone(), &cfg.digest), cfg.size)
+                        .await
+                        .map_err(|e| format!("{r}: image config: {e}"))?;
                     let v: serde_json::Value =
                         serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
                     v.pointer("/rootfs/diff_ids")
@@ -242,9 +245,9 @@ impl StoreContext {
                 let started = std::time::Instant::now();
                 let store = self.artifacts.as_ref();
                 let z = if is_table {
-                    fetch_table(&self.client, store, r, desc).await
+                    fetch_table(self.fetchers(), store, r, desc).await
                 } else {
-                    fetch_ztoc(&self.client, store, r, desc).await
+                    fetch_ztoc(self.fetchers(), store, r, desc).await
                 };
                 let z = z.map(Arc::new).map_err(|e: IndexError| e.to_string());
                 let event = crate::trace::Event {
@@ -451,6 +454,53 @@ impl StoreContext {
         Ok(Some(self.start(layer, prefetch)))
     }
 
+    /// Bytes `range` of a layer's compressed blob (the `blob` file, which podman reads to push or
+    /// save an image): span by span through the cache, each verified against its digest. The few
+    /// bytes before the first span (the gzip header, which no span digest covers) come from the
+    /// fetchers; podman checks the whole blob against the layer's diff ID as it reads it.
+    pub async fn read_blob(
+        &self,
+        layer: &Layer,
+        range: std::ops::Range<u64>,
+    ) -> Result<Vec<u8>, Arc<crate::fetch::FetchError>> {
+        let z = &layer.ztoc;
+        let end = range.end.min(layer.blob_size);
+        let mut out = Vec::with_capacity(end.saturating_sub(range.start) as usize);
+        let mut off = range.start;
+        while off < end {
+            // The first span whose compressed range ends after `off`.
+            let (mut lo, mut hi) = (0, z.span_count());
+            while lo < hi {
+                let mid = (lo + hi) / 2;
+                if z.span(mid).compressed.end <= off {
+                    lo = mid + 1;
+                } else {
+                    hi = mid;
+                }
+            }
+            let span = (lo < z.span_count()).then(|| z.span(lo));
+            match span {
+                Some(s) if s.compressed.start <= off => {
+                    let bytes = self
+                        .spans
+                        .span_for(&layer.blob, z, s.id, crate::spans::Purpose::Demand)
+                        .await?;
+                    let to = end.min(s.compressed.end);
+                    let (a, b) = (off - s.compressed.start, to - s.compressed.start);
+                    out.extend_from_slice(&bytes[a as usize..b as usize]);
+                    off = to;
+                }
+                _ => {
+                    let to = span.map_or(end, |s| s.compressed.start.min(end));
+                    let bytes = self.fetchers().read_range(&layer.blob, off..to).await?;
+                    out.extend_from_slice(&bytes);
+                    off = to;
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// The uncompressed tar size podman records (`diff-size`): the zTOC knows the archive up to
     /// its end blocks; writers may pad after them, which the gzip trailer's ISIZE tells.
     async fn diff_size(&self, blob: &BlobLocator, z: &Ztoc) -> u64 {
@@ -459,7 +509,6 @@ impl StoreContext {
         };
         let n = z.compressed_size;
         let Ok(tail) = self
-            .spans
             .fetchers()
             .read_range(blob, n.saturating_sub(4)..n)
             .await
@@ -491,11 +540,9 @@ impl StoreContext {
             return Vec::new();
         }
         let loc = BlobLocator::new(r.clone(), &d.digest);
-        let parsed = match self.client.blob_range(&loc, 0..d.size).await {
-            Ok(b) if crate::index::sha256_digest(&b) == d.digest => {
-                serde_json::from_slice::<Prefetch>(&b).ok()
-            }
-            _ => None,
+        let parsed = match self.fetchers().read_blob(&loc, d.size).await {
+            Ok(b) => serde_json::from_slice::<Prefetch>(&b).ok(),
+            Err(_) => None,
         };
         let Some(mut p) = parsed else {
             tracing::warn!(%loc, "ignoring an unreadable prefetch artifact");

@@ -1,67 +1,26 @@
-//! The OCI distribution API over HTTP(S): ranged blob GETs with auth (anonymous, Basic, Bearer
-//! tokens), redirects remembered per blob, retries with backoff inside a deadline.
+//! The HTTP engine of the registry client: connection pool, auth challenges, redirects, retries
+//! inside one deadline, bounded bodies.
 
 use std::collections::HashMap;
-use std::ops::Range;
-use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use base64::Engine;
 use bytes::{Bytes, BytesMut};
 use reqwest::header::{
-    HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_RANGE, LOCATION, RANGE, RETRY_AFTER,
-    WWW_AUTHENTICATE,
+    HeaderMap, AUTHORIZATION, CONTENT_RANGE, LOCATION, RETRY_AFTER, WWW_AUTHENTICATE,
 };
 use reqwest::{Method, Response, StatusCode};
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
-use super::auth::{self, CredentialStore, Credentials};
-use super::{BlobLocator, FetchError, Fetcher};
+use super::RegistryOptions;
+use crate::fetch::auth::{self, CredentialStore, Credentials};
+use crate::fetch::FetchError;
 use crate::reference::Reference;
-
-/// Options of the `registry` fetcher (config keys).
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RegistryOptions {
-    /// Registries (host[:port]) reached over plain HTTP.
-    pub insecure: Vec<String>,
-    /// Also honour `insecure = true` entries of this registries.conf (and its `.d` directory).
-    pub registries_conf: Option<PathBuf>,
-    /// Auth files searched for credentials, in order (default: podman's and docker's).
-    pub auth_files: Option<Vec<PathBuf>>,
-    /// Timeout of one HTTP request, body included (seconds).
-    pub request_timeout: f64,
-    /// Bound on one read including all retries (seconds).
-    pub deadline: f64,
-    /// Retries after the first attempt.
-    pub max_retries: u32,
-    /// Requests in flight at once.
-    pub max_concurrency: usize,
-}
-
-impl Default for RegistryOptions {
-    fn default() -> Self {
-        RegistryOptions {
-            insecure: Vec::new(),
-            registries_conf: Some(PathBuf::from("/etc/containers/registries.conf")),
-            auth_files: None,
-            request_timeout: 30.0,
-            deadline: 60.0,
-            max_retries: 8,
-            max_concurrency: 16,
-        }
-    }
-}
 
 /// How long a redirect target (usually a presigned URL) is reused.
 const REDIRECT_TTL: Duration = Duration::from_secs(300);
 const MAX_REDIRECTS: u32 = 5;
-/// Largest manifest or index accepted.
-pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
 
 /// A client for one or many registries.
 #[derive(Debug)]
@@ -80,7 +39,7 @@ pub struct RegistryClient {
 }
 
 /// Retry bookkeeping shared by the status-level and body-level loops of one read.
-struct Retry {
+pub(super) struct Retry {
     deadline: Instant,
     attempt: u32,
     max: u32,
@@ -88,7 +47,7 @@ struct Retry {
 
 impl Retry {
     /// Sleeps before the next attempt, or returns the final error.
-    async fn wait(
+    pub(super) async fn wait(
         &mut self,
         err: FetchError,
         retry_after: Option<Duration>,
@@ -222,7 +181,7 @@ impl RegistryClient {
     }
 
     /// `scheme://host/v2/<repository>/`
-    fn repo_url(&self, r: &Reference) -> String {
+    pub(super) fn repo_url(&self, r: &Reference) -> String {
         let scheme = if self.is_insecure(&r.registry) || self.is_insecure(r.api_host()) {
             "http"
         } else {
@@ -231,7 +190,7 @@ impl RegistryClient {
         format!("{scheme}://{}/v2/{}/", r.api_host(), r.repository)
     }
 
-    fn new_retry(&self) -> Retry {
+    pub(super) fn new_retry(&self) -> Retry {
         Retry {
             deadline: Instant::now() + Duration::from_secs_f64(self.opts.deadline),
             attempt: 0,
@@ -349,7 +308,7 @@ impl RegistryClient {
 
     /// Sends a GET/HEAD for `path` (relative to the repository URL), handling auth, redirects and
     /// retryable statuses. `redirect_key` remembers where a blob was redirected to.
-    async fn send(
+    pub(super) async fn send(
         &self,
         method: Method,
         r: &Reference,
@@ -365,7 +324,7 @@ impl RegistryClient {
     /// [`Self::send`] with a request body; `path` may also be an absolute URL (an upload
     /// location).
     #[allow(clippy::too_many_arguments)]
-    async fn send_body(
+    pub(super) async fn send_body(
         &self,
         method: Method,
         r: &Reference,
@@ -506,153 +465,9 @@ impl RegistryClient {
             retry.wait(err, wait).await?;
         }
     }
-
-    /// Bytes `range` of a blob. A registry that ignores Range (200) is streamed and cut, never
-    /// buffered whole. Content is not verified here: spans are checked against their digests by
-    /// the span store, whole blobs by their readers.
-    pub async fn blob_range(
-        &self,
-        blob: &BlobLocator,
-        range: Range<u64>,
-    ) -> Result<Bytes, FetchError> {
-        blob.hex()?;
-        if range.start >= range.end {
-            return Ok(Bytes::new());
-        }
-        let want = range.end - range.start;
-        let mut retry = self.new_retry();
-        let path = format!("blobs/{}", blob.digest);
-        loop {
-            let mut headers = HeaderMap::new();
-            let value = format!("bytes={}-{}", range.start, range.end - 1);
-            headers.insert(RANGE, HeaderValue::from_str(&value).expect("ascii"));
-            let resp = self
-                .send(
-                    Method::GET,
-                    &blob.reference,
-                    &path,
-                    headers,
-                    Some(&blob.digest),
-                    &mut retry,
-                )
-                .await?;
-            let partial = resp.status() == StatusCode::PARTIAL_CONTENT;
-            let skip = if partial {
-                let start = content_range_start(resp.headers());
-                if start != Some(range.start) {
-                    return Err(FetchError::Integrity(format!(
-                        "{blob}: asked for {value}, got Content-Range starting at {start:?}"
-                    )));
-                }
-                0
-            } else {
-                range.start
-            };
-            let data = match read_body(resp, skip, want, true).await {
-                Ok(data) => data,
-                Err(e) => {
-                    retry.wait(e, None).await?;
-                    continue;
-                }
-            };
-            return Ok(data);
-        }
-    }
-
-    /// The size of a blob (a one-byte ranged GET, which works through redirects too).
-    pub async fn blob_size(&self, blob: &BlobLocator) -> Result<u64, FetchError> {
-        blob.hex()?;
-        let mut retry = self.new_retry();
-        let mut headers = HeaderMap::new();
-        headers.insert(RANGE, HeaderValue::from_static("bytes=0-0"));
-        let resp = self
-            .send(
-                Method::GET,
-                &blob.reference,
-                &format!("blobs/{}", blob.digest),
-                headers,
-                Some(&blob.digest),
-                &mut retry,
-            )
-            .await?;
-        let size = if resp.status() == StatusCode::PARTIAL_CONTENT {
-            content_range_total(resp.headers())
-        } else {
-            resp.content_length()
-        };
-        size.ok_or_else(|| {
-            FetchError::Backend(format!("{blob}: registry did not say the blob's size"))
-        })
-    }
-
-    /// A manifest or index by tag or digest: its bytes, media type and digest. A digest
-    /// reference is checked against the content.
-    pub async fn manifest(
-        &self,
-        r: &Reference,
-        accept: &[&str],
-    ) -> Result<(Bytes, String, String), FetchError> {
-        let mut retry = self.new_retry();
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            ACCEPT,
-            HeaderValue::from_str(&accept.join(", "))
-                .map_err(|e| FetchError::Invalid(e.to_string()))?,
-        );
-        let path = format!("manifests/{}", r.target());
-        loop {
-            let resp = self
-                .send(Method::GET, r, &path, headers.clone(), None, &mut retry)
-                .await?;
-            let media_type = resp
-                .headers()
-                .get(reqwest::header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_string();
-            match read_body(resp, 0, MAX_MANIFEST_BYTES as u64 + 1, false).await {
-                Ok(data) if data.len() > MAX_MANIFEST_BYTES => {
-                    return Err(FetchError::Invalid(format!(
-                        "{r}: manifest larger than {MAX_MANIFEST_BYTES} bytes"
-                    )))
-                }
-                Ok(data) => {
-                    let digest = format!("sha256:{}", hex::encode(Sha256::digest(&data)));
-                    if let Some(want) = &r.digest {
-                        if *want != digest {
-                            return Err(FetchError::Integrity(format!(
-                                "{r}: manifest content has digest {digest}"
-                            )));
-                        }
-                    }
-                    return Ok((data, media_type, digest));
-                }
-                Err(e) => retry.wait(e, None).await?,
-            }
-        }
-    }
-
-    /// Streams a whole blob: the response, for callers that copy it elsewhere.
-    pub async fn blob_stream(&self, blob: &BlobLocator) -> Result<Response, FetchError> {
-        blob.hex()?;
-        let mut retry = self.new_retry();
-        self.send(
-            Method::GET,
-            &blob.reference,
-            &format!("blobs/{}", blob.digest),
-            HeaderMap::new(),
-            Some(&blob.digest),
-            &mut retry,
-        )
-        .await
-    }
 }
 
-fn content_range_total(h: &HeaderMap) -> Option<u64> {
+pub(super) fn content_range_total(h: &HeaderMap) -> Option<u64> {
     h.get(CONTENT_RANGE)?
         .to_str()
         .ok()?
@@ -663,7 +478,7 @@ fn content_range_total(h: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
-fn content_range_start(h: &HeaderMap) -> Option<u64> {
+pub(super) fn content_range_start(h: &HeaderMap) -> Option<u64> {
     let v = h.get(CONTENT_RANGE)?.to_str().ok()?;
     v.trim()
         .strip_prefix("bytes")?
@@ -677,7 +492,7 @@ fn content_range_start(h: &HeaderMap) -> Option<u64> {
 
 /// Reads `want` bytes after skipping `skip`, chunk by chunk; stops reading (dropping the
 /// connection) once it has them. With `require_all`, fewer bytes than wanted is an error.
-async fn read_body(
+pub(super) async fn read_body(
     mut resp: Response,
     mut skip: u64,
     want: u64,
@@ -720,258 +535,10 @@ async fn read_body(
     Ok(out.freeze())
 }
 
-/// The `registry` fetcher: blobs from the reference's own registry.
-#[derive(Debug)]
-pub struct RegistryFetcher {
-    client: RegistryClient,
-}
-
-impl RegistryFetcher {
-    pub fn new(opts: RegistryOptions) -> Result<Self, FetchError> {
-        Ok(RegistryFetcher {
-            client: RegistryClient::new(opts)?,
-        })
-    }
-
-    pub fn client(&self) -> &RegistryClient {
-        &self.client
-    }
-}
-
-#[async_trait]
-impl Fetcher for RegistryFetcher {
-    fn name(&self) -> &str {
-        "registry"
-    }
-
-    async fn blob_size(&self, blob: &BlobLocator) -> Result<u64, FetchError> {
-        self.client.blob_size(blob).await
-    }
-
-    async fn read_range(&self, blob: &BlobLocator, range: Range<u64>) -> Result<Bytes, FetchError> {
-        let want = range.end.saturating_sub(range.start);
-        let data = self.client.blob_range(blob, range.clone()).await?;
-        if data.len() as u64 != want {
-            return Err(FetchError::Integrity(format!(
-                "{blob}: {range:?} returned {} bytes",
-                data.len()
-            )));
-        }
-        Ok(data)
-    }
-}
-
-/// Pushing: blobs, cross-repository mounts, manifests, and the referrers API.
-impl RegistryClient {
-    /// Whether the repository has the blob.
-    pub async fn blob_exists(&self, r: &Reference, digest: &str) -> Result<bool, FetchError> {
-        let mut retry = self.new_retry();
-        let path = format!("blobs/{digest}");
-        match self
-            .send(Method::HEAD, r, &path, HeaderMap::new(), None, &mut retry)
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(FetchError::NotFound(_)) => Ok(false),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Mounts a blob from another repository of the same registry; false when the registry
-    /// declined (the caller then uploads).
-    pub async fn mount_blob(
-        &self,
-        r: &Reference,
-        digest: &str,
-        from: &str,
-    ) -> Result<bool, FetchError> {
-        let mut retry = self.new_retry();
-        let path = format!("blobs/uploads/?mount={digest}&from={from}");
-        let resp = self
-            .send_body(
-                Method::POST,
-                r,
-                &path,
-                HeaderMap::new(),
-                Some(Bytes::new()),
-                None,
-                &mut retry,
-            )
-            .await?;
-        Ok(resp.status() == StatusCode::CREATED)
-    }
-
-    /// Uploads a blob held in memory (skipped when the repository has it).
-    pub async fn push_blob(
-        &self,
-        r: &Reference,
-        digest: &str,
-        data: Bytes,
-    ) -> Result<(), FetchError> {
-        use futures::StreamExt;
-        if self.blob_exists(r, digest).await? {
-            return Ok(());
-        }
-        self.push_blob_stream(r, digest, futures::stream::once(async { Ok(data) }).boxed())
-            .await
-    }
-
-    /// Uploads a blob from a stream of chunks (OCI chunked upload: PATCH per ~8 MiB, then PUT
-    /// with the digest), so large layers are never held in memory whole.
-    pub async fn push_blob_stream(
-        &self,
-        r: &Reference,
-        digest: &str,
-        mut chunks: futures::stream::BoxStream<'_, Result<Bytes, FetchError>>,
-    ) -> Result<(), FetchError> {
-        use futures::StreamExt;
-        let mut retry = self.new_retry();
-        let resp = self
-            .send_body(
-                Method::POST,
-                r,
-                "blobs/uploads/",
-                HeaderMap::new(),
-                Some(Bytes::new()),
-                None,
-                &mut retry,
-            )
-            .await?;
-        let mut location = self.upload_location(r, &resp)?;
-        let mut offset = 0u64;
-        let mut pending = BytesMut::new();
-        let mut done = false;
-        while !done {
-            match chunks.next().await {
-                Some(c) => pending.extend_from_slice(&c?),
-                None => done = true,
-            }
-            if pending.len() >= 8 << 20 || (done && !pending.is_empty()) {
-                let body = pending.split().freeze();
-                let end = offset + body.len() as u64;
-                let mut headers = HeaderMap::new();
-                headers.insert(
-                    reqwest::header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/octet-stream"),
-                );
-                let range = format!("{offset}-{}", end - 1);
-                headers.insert(CONTENT_RANGE, HeaderValue::from_str(&range).expect("ascii"));
-                let resp = self
-                    .send_body(
-                        Method::PATCH,
-                        r,
-                        &location,
-                        headers,
-                        Some(body),
-                        None,
-                        &mut retry,
-                    )
-                    .await?;
-                location = self.upload_location(r, &resp)?;
-                offset = end;
-            }
-        }
-        let sep = if location.contains('?') { '&' } else { '?' };
-        self.send_body(
-            Method::PUT,
-            r,
-            &format!("{location}{sep}digest={digest}"),
-            HeaderMap::new(),
-            Some(Bytes::new()),
-            None,
-            &mut retry,
-        )
-        .await?;
-        Ok(())
-    }
-
-    fn upload_location(&self, r: &Reference, resp: &Response) -> Result<String, FetchError> {
-        let loc = resp
-            .headers()
-            .get(LOCATION)
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| {
-                FetchError::Backend(format!("{r}: upload session without a Location"))
-            })?;
-        let base = reqwest::Url::parse(&self.repo_url(r))
-            .map_err(|e| FetchError::Invalid(e.to_string()))?;
-        base.join(loc)
-            .map(|u| u.to_string())
-            .map_err(|e| FetchError::Backend(format!("{r}: bad upload Location {loc:?}: {e}")))
-    }
-
-    /// Puts a manifest under a tag or its digest; returns its digest.
-    pub async fn put_manifest(
-        &self,
-        r: &Reference,
-        tag_or_digest: &str,
-        media_type: &str,
-        data: Bytes,
-    ) -> Result<String, FetchError> {
-        let digest = format!("sha256:{}", hex::encode(Sha256::digest(&data)));
-        let mut retry = self.new_retry();
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            reqwest::header::CONTENT_TYPE,
-            HeaderValue::from_str(media_type).map_err(|e| FetchError::Invalid(e.to_string()))?,
-        );
-        self.send_body(
-            Method::PUT,
-            r,
-            &format!("manifests/{tag_or_digest}"),
-            headers,
-            Some(data),
-            None,
-            &mut retry,
-        )
-        .await?;
-        Ok(digest)
-    }
-
-    /// The referrers of a manifest (an OCI image index), or None when the registry has no
-    /// referrers API.
-    pub async fn referrers(
-        &self,
-        r: &Reference,
-        digest: &str,
-        artifact_type: &str,
-    ) -> Result<Option<Bytes>, FetchError> {
-        let mut retry = self.new_retry();
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            ACCEPT,
-            HeaderValue::from_static("application/vnd.oci.image.index.v1+json"),
-        );
-        let path = format!("referrers/{digest}?artifactType={artifact_type}");
-        match self
-            .send(Method::GET, r, &path, headers, None, &mut retry)
-            .await
-        {
-            Ok(resp) => {
-                let is_index = resp
-                    .headers()
-                    .get(reqwest::header::CONTENT_TYPE)
-                    .and_then(|v| v.to_str().ok())
-                    .is_some_and(|t| t.starts_with("application/vnd.oci.image.index.v1+json"));
-                if !is_index {
-                    return Ok(None);
-                }
-                Ok(Some(
-                    read_body(resp, 0, MAX_MANIFEST_BYTES as u64, false).await?,
-                ))
-            }
-            Err(FetchError::NotFound(_)) => Ok(None),
-            Err(FetchError::Http {
-                status: 400 | 405, ..
-            }) => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use reqwest::header::HeaderValue;
 
     #[test]
     fn parses_challenges() {

@@ -1,0 +1,219 @@
+//! Writing to a registry: blob uploads and mounts, manifests; and the referrers API.
+
+use bytes::{Bytes, BytesMut};
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_RANGE, LOCATION};
+use reqwest::{Method, Response, StatusCode};
+use sha2::{Digest, Sha256};
+
+use super::http::read_body;
+use super::{RegistryClient, MAX_MANIFEST_BYTES};
+use crate::fetch::FetchError;
+use crate::reference::Reference;
+
+/// Pushing: blobs, cross-repository mounts, manifests, and the referrers API.
+impl RegistryClient {
+    /// Whether the repository has the blob.
+    pub async fn blob_exists(&self, r: &Reference, digest: &str) -> Result<bool, FetchError> {
+        let mut retry = self.new_retry();
+        let path = format!("blobs/{digest}");
+        match self
+            .send(Method::HEAD, r, &path, HeaderMap::new(), None, &mut retry)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(FetchError::NotFound(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Mounts a blob from another repository of the same registry; false when the registry
+    /// declined (the caller then uploads).
+    pub async fn mount_blob(
+        &self,
+        r: &Reference,
+        digest: &str,
+        from: &str,
+    ) -> Result<bool, FetchError> {
+        let mut retry = self.new_retry();
+        let path = format!("blobs/uploads/?mount={digest}&from={from}");
+        let resp = self
+            .send_body(
+                Method::POST,
+                r,
+                &path,
+                HeaderMap::new(),
+                Some(Bytes::new()),
+                None,
+                &mut retry,
+            )
+            .await?;
+        Ok(resp.status() == StatusCode::CREATED)
+    }
+
+    /// Uploads a blob held in memory (skipped when the repository has it).
+    pub async fn push_blob(
+        &self,
+        r: &Reference,
+        digest: &str,
+        data: Bytes,
+    ) -> Result<(), FetchError> {
+        use futures::StreamExt;
+        if self.blob_exists(r, digest).await? {
+            return Ok(());
+        }
+        self.push_blob_stream(r, digest, futures::stream::once(async { Ok(data) }).boxed())
+            .await
+    }
+
+    /// Uploads a blob from a stream of chunks (OCI chunked upload: PATCH per ~8 MiB, then PUT
+    /// with the digest), so large layers are never held in memory whole.
+    pub async fn push_blob_stream(
+        &self,
+        r: &Reference,
+        digest: &str,
+        mut chunks: futures::stream::BoxStream<'_, Result<Bytes, FetchError>>,
+    ) -> Result<(), FetchError> {
+        use futures::StreamExt;
+        let mut retry = self.new_retry();
+        let resp = self
+            .send_body(
+                Method::POST,
+                r,
+                "blobs/uploads/",
+                HeaderMap::new(),
+                Some(Bytes::new()),
+                None,
+                &mut retry,
+            )
+            .await?;
+        let mut location = self.upload_location(r, &resp)?;
+        let mut offset = 0u64;
+        let mut pending = BytesMut::new();
+        let mut done = false;
+        while !done {
+            match chunks.next().await {
+                Some(c) => pending.extend_from_slice(&c?),
+                None => done = true,
+            }
+            if pending.len() >= 8 << 20 || (done && !pending.is_empty()) {
+                let body = pending.split().freeze();
+                let end = offset + body.len() as u64;
+                let mut headers = HeaderMap::new();
+                headers.insert(
+                    reqwest::header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/octet-stream"),
+                );
+                let range = format!("{offset}-{}", end - 1);
+                headers.insert(CONTENT_RANGE, HeaderValue::from_str(&range).expect("ascii"));
+                let resp = self
+                    .send_body(
+                        Method::PATCH,
+                        r,
+                        &location,
+                        headers,
+                        Some(body),
+                        None,
+                        &mut retry,
+                    )
+                    .await?;
+                location = self.upload_location(r, &resp)?;
+                offset = end;
+            }
+        }
+        let sep = if location.contains('?') { '&' } else { '?' };
+        self.send_body(
+            Method::PUT,
+            r,
+            &format!("{location}{sep}digest={digest}"),
+            HeaderMap::new(),
+            Some(Bytes::new()),
+            None,
+            &mut retry,
+        )
+        .await?;
+        Ok(())
+    }
+
+    fn upload_location(&self, r: &Reference, resp: &Response) -> Result<String, FetchError> {
+        let loc = resp
+            .headers()
+            .get(LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| {
+                FetchError::Backend(format!("{r}: upload session without a Location"))
+            })?;
+        let base = reqwest::Url::parse(&self.repo_url(r))
+            .map_err(|e| FetchError::Invalid(e.to_string()))?;
+        base.join(loc)
+            .map(|u| u.to_string())
+            .map_err(|e| FetchError::Backend(format!("{r}: bad upload Location {loc:?}: {e}")))
+    }
+
+    /// Puts a manifest under a tag or its digest; returns its digest.
+    pub async fn put_manifest(
+        &self,
+        r: &Reference,
+        tag_or_digest: &str,
+        media_type: &str,
+        data: Bytes,
+    ) -> Result<String, FetchError> {
+        let digest = format!("sha256:{}", hex::encode(Sha256::digest(&data)));
+        let mut retry = self.new_retry();
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            reqwest::header::CONTENT_TYPE,
+            HeaderValue::from_str(media_type).map_err(|e| FetchError::Invalid(e.to_string()))?,
+        );
+        self.send_body(
+            Method::PUT,
+            r,
+            &format!("manifests/{tag_or_digest}"),
+            headers,
+            Some(data),
+            None,
+            &mut retry,
+        )
+        .await?;
+        Ok(digest)
+    }
+
+    /// The referrers of a manifest (an OCI image index), or None when the registry has no
+    /// referrers API.
+    pub async fn referrers(
+        &self,
+        r: &Reference,
+        digest: &str,
+        artifact_type: &str,
+    ) -> Result<Option<Bytes>, FetchError> {
+        let mut retry = self.new_retry();
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            ACCEPT,
+            HeaderValue::from_static("application/vnd.oci.image.index.v1+json"),
+        );
+        let path = format!("referrers/{digest}?artifactType={artifact_type}");
+        match self
+            .send(Method::GET, r, &path, headers, None, &mut retry)
+            .await
+        {
+            Ok(resp) => {
+                let is_index = resp
+                    .headers()
+                    .get(reqwest::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|t| t.starts_with("application/vnd.oci.image.index.v1+json"));
+                if !is_index {
+                    return Ok(None);
+                }
+                Ok(Some(
+                    read_body(resp, 0, MAX_MANIFEST_BYTES as u64, false).await?,
+                ))
+            }
+            Err(FetchError::NotFound(_)) => Ok(None),
+            Err(FetchError::Http {
+                status: 400 | 405, ..
+            }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
