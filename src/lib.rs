@@ -7,15 +7,26 @@
 //! - [`config`] and [`backends`]: the config file and the named backend factories;
 //! - [`store`]: the podman additional layer store (FUSE); [`trace`]: its start breakdown;
 //! - [`cli`]: the `soci-store` command line.
+//!
+//! The `daemon` feature (default) adds [`cli`] and [`store`]; a backend crate depends on this one
+//! with `default-features = false` and implements [`fetch::Fetcher`] or [`cache::SpanCache`] with
+//! the re-exported [`async_trait`] and [`bytes`].
+
+#![deny(unsafe_code)]
+
+pub use async_trait::async_trait;
+pub use bytes;
 
 pub mod backends;
 pub mod cache;
+#[cfg(feature = "daemon")]
 pub mod cli;
 pub mod config;
 pub mod fetch;
 pub mod index;
 pub mod reference;
 pub mod spans;
+#[cfg(feature = "daemon")]
 pub mod store;
 mod sys;
 pub mod trace;

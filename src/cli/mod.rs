@@ -219,23 +219,7 @@ impl<S> tracing_subscriber::layer::Filter<S> for QuietFuseReplies {
     }
 }
 
-/// Parses sizes such as `4194304`, `4MiB`, `4M`, `512k`, `1GiB` (binary units).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("not a size: {s:?}"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        "t" | "tb" | "tib" => 1 << 40,
-        other => return Err(format!("unknown size unit {other:?} in {s:?}")),
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size too large: {s:?}"))
-}
+pub use crate::config::parse_size;
 
 /// Writes `text` to stdout; a reader that went away (EPIPE, as with `| head`) is a normal end.
 pub(crate) fn print_out(text: &str) -> anyhow::Result<()> {
@@ -354,6 +338,27 @@ mod tests {
             1,
             "only the one from another target: {out}"
         );
+    }
+
+    /// The `--span-size` defaults clap shows are the library's constants.
+    #[test]
+    fn span_size_defaults_are_the_constants() {
+        use clap::CommandFactory;
+        let cli = super::Cli::command();
+        let default = |path: &[&str]| {
+            let mut cmd = &cli;
+            for p in path {
+                cmd = cmd.find_subcommand(p).unwrap();
+            }
+            let arg = cmd
+                .get_arguments()
+                .find(|a| a.get_id() == "span_size")
+                .unwrap();
+            parse_size(arg.get_default_values()[0].to_str().unwrap()).unwrap()
+        };
+        assert_eq!(default(&["convert"]), crate::ztoc::DEFAULT_SPAN_SIZE);
+        assert_eq!(default(&["create"]), crate::ztoc::DEFAULT_SPAN_SIZE);
+        assert_eq!(default(&["ztoc", "build"]), crate::ztoc::UPSTREAM_SPAN_SIZE);
     }
 
     #[test]

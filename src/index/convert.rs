@@ -26,13 +26,8 @@ pub enum Platforms {
     All,
 }
 
-/// The span size `convert` and `create` use unless told: 512 KiB, where upstream SOCI uses 4 MiB.
-/// A start fetches whole spans for every file it touches. Measured on a python/numpy image with
-/// podman 4 and 5 (docs/benchmarks.md): at 100 Mbit/s 512 KiB spans start 1.2x sooner than 1 MiB
-/// ones (11.3x a plain pull against 9.4x) and 2x sooner than 4 MiB ones, fetching 22.6 MB before
-/// ready against 27.0 and 43.1; on loopback, where each span costs a round trip, 1 MiB is ~10%
-/// faster. Windows no longer cost up front (zTOC tables), so smaller spans cost little at pull.
-pub const DEFAULT_SPAN_SIZE: u64 = 512 << 10;
+/// The span size `convert` and `create` use unless told.
+pub use crate::ztoc::DEFAULT_SPAN_SIZE;
 
 /// Options for [`convert`] and [`create`].
 #[derive(Clone, Debug)]

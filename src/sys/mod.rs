@@ -5,5 +5,9 @@
 //! - [`fd`]: passing a file descriptor between processes and re-pointing one at another file,
 //!   which a FUSE session needs to survive a daemon restart.
 
+// The crate denies `unsafe` everywhere else.
+#![allow(unsafe_code)]
+
+#[cfg(feature = "daemon")]
 pub mod fd;
 pub mod zlib;

@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use super::tar::TarScanner;
 use super::{
     Checkpoint, Compression, Ztoc, ZtocError, BUILD_TOOL, DEFAULT_MIN_LAYER_SIZE,
-    DEFAULT_SPAN_SIZE, MAX_BUILD_SPAN_SIZE, WINDOW_SIZE, ZTOC_VERSION,
+    MAX_BUILD_SPAN_SIZE, UPSTREAM_SPAN_SIZE, WINDOW_SIZE, ZTOC_VERSION,
 };
 use crate::sys::zlib::{Format, Inflater};
 
@@ -25,7 +25,8 @@ type Result<T> = std::result::Result<T, ZtocError>;
 /// Options for [`build`].
 #[derive(Clone, Debug)]
 pub struct BuildOptions {
-    /// Uncompressed bytes per span (at least; spans end at the next block boundary).
+    /// Uncompressed bytes per span (at least; spans end at the next block boundary). Default:
+    /// [`UPSTREAM_SPAN_SIZE`], as upstream builds; `convert` uses [`super::DEFAULT_SPAN_SIZE`].
     pub span_size: u64,
     /// Layers whose blob is smaller than this are refused with [`ZtocError::LayerTooSmall`].
     pub min_layer_size: u64,
@@ -36,7 +37,7 @@ pub struct BuildOptions {
 impl Default for BuildOptions {
     fn default() -> Self {
         BuildOptions {
-            span_size: DEFAULT_SPAN_SIZE,
+            span_size: UPSTREAM_SPAN_SIZE,
             min_layer_size: DEFAULT_MIN_LAYER_SIZE,
             build_tool: BUILD_TOOL.to_string(),
         }

@@ -13,10 +13,10 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use bytes::Bytes;
 use serde::Deserialize;
+use soci_store::async_trait;
 use soci_store::backends::{parse_options, BackendRegistry};
+use soci_store::bytes::Bytes;
 use soci_store::fetch::{BlobLocator, FetchError, Fetcher};
 
 /// The name this backend registers under.
