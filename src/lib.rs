@@ -25,6 +25,7 @@ pub mod config;
 pub mod fetch;
 pub mod index;
 pub mod reference;
+pub mod report;
 pub mod spans;
 #[cfg(feature = "daemon")]
 pub mod store;

@@ -12,6 +12,7 @@ use tokio::sync::OnceCell;
 
 use crate::cache::{SpanCache, SpanKey};
 use crate::fetch::{BlobLocator, FetchError, FetcherChain};
+use crate::report::Chain;
 use crate::ztoc::reader::{verify_span, SpanSource};
 use crate::ztoc::{WindowRef, Ztoc, ZtocError};
 
@@ -352,7 +353,7 @@ impl SpanStore {
     ) {
         let spans = ids.iter().map(|&id| async move {
             if let Err(e) = self.span_for(blob, ztoc, id, Purpose::Ahead).await {
-                tracing::debug!(%blob, span = id, "read-ahead: {e}");
+                tracing::debug!(%blob, span = id, "read-ahead: {}", Chain(&*e));
             }
         });
         // The windows of those spans, several per request: they are small.
@@ -361,7 +362,7 @@ impl SpanStore {
             runs.iter().map(move |run| async move {
                 for r in self.fetch_windows(w, ztoc, run, Purpose::Ahead).await {
                     if let Err(e) = r {
-                        tracing::debug!(%w, "read-ahead window: {e}");
+                        tracing::debug!(%w, "read-ahead window: {}", Chain(&*e));
                     }
                 }
             })

@@ -40,7 +40,7 @@ impl LocalFetcher {
             std::io::ErrorKind::NotFound => {
                 FetchError::NotFound(format!("{} in {}", blob.digest, self.root.display()))
             }
-            _ => FetchError::Backend(format!("{}: {e}", path.display())),
+            _ => FetchError::backend(path.display().to_string(), e),
         })
     }
 }
@@ -55,7 +55,7 @@ impl Fetcher for LocalFetcher {
         let f = self.open(blob)?;
         f.metadata()
             .map(|m| m.len())
-            .map_err(|e| FetchError::Backend(e.to_string()))
+            .map_err(|e| FetchError::backend(self.root.display().to_string(), e))
     }
 
     /// By digest, or by tag: the `index.json` entry whose `org.opencontainers.image.ref.name`
@@ -73,11 +73,11 @@ impl Fetcher for LocalFetcher {
                 std::io::ErrorKind::NotFound => {
                     FetchError::NotFound(format!("{} in {}", reference, self.root.display()))
                 }
-                _ => FetchError::Backend(format!("{}: {e}", path.display())),
+                _ => FetchError::backend(path.display().to_string(), e),
             })?;
             f.take(max + 1)
                 .read_to_end(&mut data)
-                .map_err(|e| FetchError::Backend(format!("{}: {e}", path.display())))?;
+                .map_err(|e| FetchError::backend(path.display().to_string(), e))?;
             if data.len() as u64 > max {
                 return Err(FetchError::Invalid(format!(
                     "{}: larger than the {max} bytes accepted for a manifest",
@@ -103,7 +103,7 @@ impl Fetcher for LocalFetcher {
                 }
                 let raw = read(self.root.join("index.json"))?;
                 let index: Index = serde_json::from_slice(&raw).map_err(|e| {
-                    FetchError::Backend(format!("{}/index.json: {e}", self.root.display()))
+                    FetchError::backend(format!("{}/index.json", self.root.display()), e)
                 })?;
                 let entry = index
                     .manifests
@@ -137,11 +137,11 @@ impl Fetcher for LocalFetcher {
                     std::io::ErrorKind::UnexpectedEof => {
                         FetchError::Invalid(format!("range {range:?} past the end of the blob"))
                     }
-                    _ => FetchError::Backend(e.to_string()),
+                    _ => FetchError::backend("reading a local blob", e),
                 })?;
             Ok(Bytes::from(buf))
         })
         .await
-        .map_err(|e| FetchError::Backend(e.to_string()))?
+        .map_err(|e| FetchError::backend(self.root.display().to_string(), e))?
     }
 }

@@ -46,8 +46,13 @@ impl fmt::Display for BlobLocator {
     }
 }
 
-/// Why a fetch failed.
+/// A backend's own error, kept as the source of a [`FetchError`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why a fetch failed. Its `Display` is this level's message only; the cause, when there is
+/// one, is its `source()` (print the whole chain with [`crate::report::Chain`] or anyhow's `{:#}`).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum FetchError {
     /// The backend does not have the blob: the next fetcher is tried.
     #[error("not found: {0}")]
@@ -65,17 +70,58 @@ pub enum FetchError {
     Integrity(String),
     #[error("timed out: {0}")]
     Timeout(String),
-    #[error("connection failed: {0}")]
-    Connection(String),
+    #[error("connection failed: {message}")]
+    Connection {
+        message: String,
+        #[source]
+        source: Option<BoxError>,
+    },
     #[error("invalid request: {0}")]
     Invalid(String),
-    #[error("{0}")]
-    Backend(String),
+    /// Anything else a backend reports.
+    #[error("{message}")]
+    Backend {
+        message: String,
+        #[source]
+        source: Option<BoxError>,
+    },
 }
 
 impl FetchError {
     pub fn is_not_found(&self) -> bool {
         matches!(self, FetchError::NotFound(_))
+    }
+
+    /// A backend failure caused by `source`.
+    pub fn backend(message: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        FetchError::Backend {
+            message: message.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// A backend failure with no underlying error.
+    pub fn backend_msg(message: impl Into<String>) -> Self {
+        FetchError::Backend {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// A connection that failed or broke, caused by `source`.
+    pub fn connection(message: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        FetchError::Connection {
+            message: message.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// A connection that failed or broke, with no underlying error.
+    pub fn connection_msg(message: impl Into<String>) -> Self {
+        FetchError::Connection {
+            message: message.into(),
+            source: None,
+        }
     }
 }
 

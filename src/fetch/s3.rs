@@ -68,7 +68,7 @@ fn map_err(e: object_store::Error) -> FetchError {
         object_store::Error::NotFound { path, .. } => {
             FetchError::NotFound(format!("s3 object {path}"))
         }
-        other => FetchError::Backend(format!("s3: {other}")),
+        other => FetchError::backend("s3", other),
     }
 }
 
@@ -205,7 +205,7 @@ impl Fetcher for S3Fetcher {
             (None, Some(tag)) => {
                 let raw = self.small_object(&tag, MAX_TAG_RECORD).await?;
                 let rec: TagRecord = serde_json::from_slice(&raw)
-                    .map_err(|e| FetchError::Backend(format!("s3 tag record {tag}: {e}")))?;
+                    .map_err(|e| FetchError::backend(format!("s3 tag record {tag}"), e))?;
                 (rec.digest, rec.media_type)
             }
             (None, None) => {

@@ -13,6 +13,7 @@ use super::{
 };
 use crate::fetch::{BlobLocator, FetchError, FetcherChain};
 use crate::reference::Reference;
+use crate::report::Chain;
 use crate::ztoc::{format, Ztoc};
 
 /// Largest zTOC fetched (a 100 GiB layer at 4 MiB spans needs about 1 GiB): what the zTOC
@@ -241,7 +242,7 @@ pub async fn discover(
         match validate_index(&data, &d.digest, IndexKind::V1, &image_digest, &image) {
             Ok(index) => return Ok(found(d.digest.clone(), index, IndexKind::V1)),
             Err(e) => {
-                tracing::warn!("{r}: skipping SOCI index {}: {e}", d.digest);
+                tracing::warn!("{r}: skipping SOCI index {}: {}", d.digest, Chain(&e));
                 last_err = Some(e);
             }
         }

@@ -196,7 +196,7 @@ impl Endpoint {
                     .await?;
                 Ok(resp
                     .bytes_stream()
-                    .map(|c| c.map_err(|e| FetchError::Connection(e.to_string())))
+                    .map(|c| c.map_err(|e| FetchError::connection("reading a blob", e)))
                     .boxed())
             }
             ImageRef::Layout { dir, .. } => {
@@ -215,8 +215,12 @@ impl Endpoint {
                     match r {
                         Ok(Ok((buf, _))) if buf.is_empty() => None,
                         Ok(Ok((buf, file))) => Some((Ok(Bytes::from(buf)), Some(file))),
-                        Ok(Err(e)) => Some((Err(FetchError::Backend(e.to_string())), None)),
-                        Err(e) => Some((Err(FetchError::Backend(e.to_string())), None)),
+                        Ok(Err(e)) => {
+                            Some((Err(FetchError::backend("reading a layout blob", e)), None))
+                        }
+                        Err(e) => {
+                            Some((Err(FetchError::backend("reading a layout blob", e)), None))
+                        }
                     }
                 })
                 .boxed())

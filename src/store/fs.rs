@@ -18,6 +18,7 @@ use fuser::{
 use super::journal::{Journal, LayerRecord, Record};
 use super::layers::{Layer, StoreContext};
 use super::tree::NodeKind;
+use crate::report::Chain;
 
 /// Layers never change: the kernel may cache what we say for long.
 const TTL: Duration = Duration::from_secs(3600);
@@ -156,7 +157,9 @@ impl StoreFs {
                             fs.install(&mut st, rec.ino, &layer);
                             layers.insert(rec.ino, layer);
                         }
-                        Ok(Err(e)) => tracing::error!(blob = rec.blob, "cannot restore: {e}"),
+                        Ok(Err(e)) => {
+                            tracing::error!(blob = rec.blob, "cannot restore: {}", Chain(&*e))
+                        }
                         Err(_) => tracing::error!(blob = rec.blob, "restoring timed out"),
                     }
                 }
@@ -305,7 +308,12 @@ impl StoreFs {
         match self.ctx.runtime.block_on(fut) {
             Ok(Ok(found)) => found,
             Ok(Err(e)) => {
-                tracing::warn!(reference, digest, "cannot serve layer lazily: {e}");
+                tracing::warn!(
+                    reference,
+                    digest,
+                    "cannot serve layer lazily: {}",
+                    Chain(&*e)
+                );
                 None
             }
             Err(_) => {
@@ -507,7 +515,7 @@ impl Filesystem for StoreFs {
                     Ok(b) => reply.data(&b),
                     Err(e) => {
                         self.ctx.stats.fuse_errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(blob = %l.blob, "blob read failed: {e}");
+                        tracing::warn!(blob = %l.blob, "blob read failed: {}", Chain(&*e));
                         reply.error(Errno::EIO)
                     }
                 }
@@ -540,7 +548,7 @@ impl Filesystem for StoreFs {
                             Ok(n) => reply.data(&buf[..n]),
                             Err(e) => {
                                 self.ctx.stats.fuse_errors.fetch_add(1, Ordering::Relaxed);
-                                tracing::warn!(blob = %layer.blob, "read failed: {e}");
+                                tracing::warn!(blob = %layer.blob, "read failed: {}", Chain(&e));
                                 reply.error(Errno::EIO)
                             }
                         }

@@ -14,6 +14,7 @@ use crate::fetch::BlobLocator;
 use crate::index::discover::{self, fetch_table, fetch_ztoc, Discovered};
 use crate::index::{ArtifactStore, Descriptor, IndexError, Platform, MT_ZTOC, MT_ZTOC_TABLE};
 use crate::reference::Reference;
+use crate::report::Chain;
 use crate::spans::{RemoteLayer, SpanStore};
 use crate::ztoc::{Compression, LayerReader, Ztoc};
 
@@ -26,7 +27,33 @@ const BACKGROUND_QUIET_MS: u64 = 1500;
 const INFLATED_SPANS_BYTES: usize = 48 << 20;
 
 /// Resolutions computed once per key, failures included (as messages).
-type Memo<K, T> = Mutex<HashMap<K, Arc<OnceCell<Result<T, String>>>>>;
+type Memo<K, T> = Mutex<HashMap<K, Arc<OnceCell<Lookup<T>>>>>;
+
+/// Why a layer cannot be served lazily (podman is then told to pull it itself).
+#[derive(Debug, thiserror::Error)]
+pub enum LookupError {
+    #[error(transparent)]
+    Reference(#[from] crate::reference::ReferenceError),
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    #[error(transparent)]
+    Fetch(#[from] crate::fetch::FetchError),
+    /// The image, its index, its zTOCs or a journal record do not fit together.
+    #[error("{0}")]
+    Mismatch(String),
+    #[error("{what}: {source}")]
+    Json {
+        what: String,
+        source: serde_json::Error,
+    },
+}
+
+/// A lookup's outcome: memoized, failures included, so errors are shared.
+pub type Lookup<T> = Result<T, Arc<LookupError>>;
+
+fn mismatch(why: String) -> Arc<LookupError> {
+    Arc::new(LookupError::Mismatch(why))
+}
 
 /// What the store needs to resolve and serve layers.
 pub struct StoreContext {
@@ -130,27 +157,37 @@ impl StoreContext {
         self.spans.fetchers()
     }
 
-    async fn image(&self, reference: &str) -> Result<Arc<ImageInfo>, String> {
+    async fn image(&self, reference: &str) -> Lookup<Arc<ImageInfo>> {
         let c = cell(&self.images, &reference.to_string());
-        c.get_or_init(|| async {
-            let r = Reference::parse(reference).map_err(|e| e.to_string())?;
+        c.get_or_init(|| async { self.image_uncached(reference).await.map_err(Arc::new) })
+            .await
+            .clone()
+    }
+
+    async fn image_uncached(&self, reference: &str) -> Result<Arc<ImageInfo>, LookupError> {
+        {
+            let r = Reference::parse(reference)?;
             let found =
                 discover::discover(self.fetchers(), self.artifacts.as_ref(), &r, &self.platform)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                    .await?;
             let diff_ids = match &found {
                 Some(d) => {
                     let cfg = &d.image_manifest.config;
                     if cfg.size > crate::fetch::registry::MAX_MANIFEST_BYTES as u64 {
-                        return Err(format!("{r}: image config of {} bytes", cfg.size));
+                        return Err(LookupError::Mismatch(format!(
+                            "{r}: image config of {} bytes",
+                            cfg.size
+                        )));
                     }
                     let bytes = self
                         .fetchers()
                         .read_blob(&BlobLocator::new(r.clone(), &cfg.digest), cfg.size)
-                        .await
-                        .map_err(|e| format!("{r}: image config: {e}"))?;
+                        .await?;
                     let v: serde_json::Value =
-                        serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+                        serde_json::from_slice(&bytes).map_err(|source| LookupError::Json {
+                            what: format!("{r}: image config"),
+                            source,
+                        })?;
                     v.pointer("/rootfs/diff_ids")
                         .and_then(|d| d.as_array())
                         .map(|a| {
@@ -167,9 +204,7 @@ impl StoreContext {
                 discovered: found,
                 diff_ids,
             }))
-        })
-        .await
-        .clone()
+        }
     }
 
     /// The layer `digest` of `reference` (its compressed digest or its zTOC digest), or None
@@ -178,7 +213,7 @@ impl StoreContext {
         self: &Arc<Self>,
         reference: &str,
         digest: &str,
-    ) -> Result<Option<Arc<Layer>>, String> {
+    ) -> Lookup<Option<Arc<Layer>>> {
         let started = std::time::Instant::now();
         let found = self.layer_untraced(reference, digest).await;
         let outcome = match &found {
@@ -202,7 +237,7 @@ impl StoreContext {
         self: &Arc<Self>,
         reference: &str,
         digest: &str,
-    ) -> Result<Option<Arc<Layer>>, String> {
+    ) -> Lookup<Option<Arc<Layer>>> {
         let asked = (reference.to_string(), digest.to_string());
         let known = self.lock_aliases().get(&asked).cloned();
         let blob = match known {
@@ -234,12 +269,7 @@ impl StoreContext {
 
     /// The zTOC (or zTOC table, `is_table`) `desc` names: from the artifact store or the
     /// network, once per digest.
-    async fn ztoc(
-        &self,
-        r: &Reference,
-        desc: &Descriptor,
-        is_table: bool,
-    ) -> Result<Arc<Ztoc>, String> {
+    async fn ztoc(&self, r: &Reference, desc: &Descriptor, is_table: bool) -> Lookup<Arc<Ztoc>> {
         cell(&self.ztocs, &desc.digest)
             .get_or_init(|| async {
                 let started = std::time::Instant::now();
@@ -249,7 +279,7 @@ impl StoreContext {
                 } else {
                     fetch_ztoc(self.fetchers(), store, r, desc).await
                 };
-                let z = z.map(Arc::new).map_err(|e: IndexError| e.to_string());
+                let z = z.map(Arc::new).map_err(|e| Arc::new(LookupError::from(e)));
                 let event = crate::trace::Event {
                     ev: "artifact".into(),
                     what: desc.digest.clone(),
@@ -285,8 +315,8 @@ impl StoreContext {
     pub async fn restore_layer(
         self: &Arc<Self>,
         rec: &super::journal::LayerRecord,
-    ) -> Result<Arc<Layer>, String> {
-        let reference = Reference::parse(&rec.reference).map_err(|e| e.to_string())?;
+    ) -> Lookup<Arc<Layer>> {
+        let reference = Reference::parse(&rec.reference).map_err(|e| Arc::new(e.into()))?;
         let (zdesc, is_table) = match &rec.table {
             Some((d, size)) => (Descriptor::new(MT_ZTOC_TABLE, d.clone(), *size), true),
             None => (
@@ -296,16 +326,19 @@ impl StoreContext {
         };
         let ztoc = self.ztoc(&reference, &zdesc, is_table).await?;
         if ztoc.compressed_size != rec.blob_size {
-            return Err(format!("zTOC {} does not fit blob {}", rec.ztoc, rec.blob));
+            return Err(mismatch(format!(
+                "zTOC {} does not fit blob {}",
+                rec.ztoc, rec.blob
+            )));
         }
         let tree = LayerTree::build(&ztoc);
         if tree.nodes.len() as u64 != rec.nodes {
-            return Err(format!(
+            return Err(mismatch(format!(
                 "zTOC {} gives {} nodes, the journal says {}",
                 rec.ztoc,
                 tree.nodes.len(),
                 rec.nodes
-            ));
+            )));
         }
         let blob = BlobLocator::new(reference.clone(), &rec.blob);
         let windows = rec
@@ -379,11 +412,7 @@ impl StoreContext {
     }
 
     /// Builds the served layer for the compressed layer `blob` of `reference`.
-    async fn resolve(
-        self: &Arc<Self>,
-        reference: &str,
-        blob: &str,
-    ) -> Result<Option<Arc<Layer>>, String> {
+    async fn resolve(self: &Arc<Self>, reference: &str, blob: &str) -> Lookup<Option<Arc<Layer>>> {
         let image = self.image(reference).await?;
         let Some(found) = &image.discovered else {
             return Ok(None);
@@ -397,7 +426,9 @@ impl StoreContext {
             return Ok(None);
         };
         let diff_id = image.diff_ids.get(pos).cloned().ok_or_else(|| {
-            format!("{reference}: the image config has no diff ID for layer {pos}")
+            mismatch(format!(
+                "{reference}: the image config has no diff ID for layer {pos}"
+            ))
         })?;
         // Podman asks one layer at a time under a lock: resolve the others meanwhile.
         for other in layers.iter().filter(|l| l.digest != layer_desc.digest) {
@@ -414,10 +445,10 @@ impl StoreContext {
             _ => (self.ztoc(&image.reference, zdesc, false).await?, None, None),
         };
         if ztoc.compressed_size != layer_desc.size {
-            return Err(format!(
+            return Err(mismatch(format!(
                 "zTOC {} is for a {}-byte blob, the layer has {}",
                 zdesc.digest, ztoc.compressed_size, layer_desc.size
-            ));
+            )));
         }
         let blob = BlobLocator::new(image.reference.clone(), &layer_desc.digest);
         let diff_size = self.diff_size(&blob, &ztoc).await;
@@ -582,7 +613,7 @@ impl StoreContext {
                     r = self.background_span(layer, id) => match r {
                         Ok(()) => break,
                         Err(e) => {
-                            tracing::warn!(blob = %layer.blob, span = id, "background fetch stopped: {e}");
+                            tracing::warn!(blob = %layer.blob, span = id, "background fetch stopped: {}", Chain(&*e));
                             return;
                         }
                     },

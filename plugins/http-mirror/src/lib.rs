@@ -78,7 +78,7 @@ impl HttpMirror {
         let resp = req
             .send()
             .await
-            .map_err(|e| FetchError::Connection(format!("{url}: {e}")))?;
+            .map_err(|e| FetchError::connection(url.clone(), e))?;
         match resp.status().as_u16() {
             200 | 206 => Ok(resp),
             404 => Err(FetchError::NotFound(url)),
@@ -105,9 +105,9 @@ impl Fetcher for HttpMirror {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.rsplit('/').next())
             .and_then(|v| v.parse().ok());
-        total
-            .or(resp.content_length())
-            .ok_or_else(|| FetchError::Backend(format!("{blob}: the mirror did not say its size")))
+        total.or(resp.content_length()).ok_or_else(|| {
+            FetchError::backend_msg(format!("{blob}: the mirror did not say its size"))
+        })
     }
 
     async fn read_range(&self, blob: &BlobLocator, range: Range<u64>) -> Result<Bytes, FetchError> {
@@ -116,7 +116,7 @@ impl Fetcher for HttpMirror {
         }
         let resp = self.get(blob, Some(range.clone())).await?;
         if resp.status().as_u16() != 206 {
-            return Err(FetchError::Backend(format!(
+            return Err(FetchError::backend_msg(format!(
                 "{}: the mirror ignored Range",
                 self.url(blob)?
             )));
@@ -124,7 +124,7 @@ impl Fetcher for HttpMirror {
         let data = resp
             .bytes()
             .await
-            .map_err(|e| FetchError::Connection(e.to_string()))?;
+            .map_err(|e| FetchError::connection(format!("{blob}: reading the body"), e))?;
         if data.len() as u64 != range.end - range.start {
             return Err(FetchError::Integrity(format!(
                 "{blob}: {range:?} returned {} bytes",

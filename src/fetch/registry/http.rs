@@ -127,14 +127,8 @@ fn transport_error(e: reqwest::Error) -> FetchError {
     if e.is_timeout() {
         FetchError::Timeout(e.to_string())
     } else {
-        let mut msg = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            msg.push_str(": ");
-            msg.push_str(&s.to_string());
-            src = s.source();
-        }
-        FetchError::Connection(msg)
+        let url = e.url().map(|u| u.to_string()).unwrap_or_default();
+        FetchError::connection(url, e)
     }
 }
 
@@ -223,7 +217,7 @@ impl RegistryClient {
         let (reg, repo) = (r.registry.clone(), r.repository.clone());
         tokio::task::spawn_blocking(move || store.lookup(&reg, &repo))
             .await
-            .map_err(|e| FetchError::Backend(e.to_string()))?
+            .map_err(|e| FetchError::backend("looking up credentials", e))?
             .map_err(|e| FetchError::Unauthorized(format!("reading credentials: {e}")))
     }
 
@@ -370,7 +364,7 @@ impl RegistryClient {
                 .limit
                 .acquire()
                 .await
-                .map_err(|e| FetchError::Backend(e.to_string()))?;
+                .map_err(|e| FetchError::backend("looking up credentials", e))?;
             let result = req.send().await;
             drop(permit);
             let (err, wait) = match result {
@@ -520,14 +514,14 @@ pub(super) async fn read_body(
         }
         let room = (want - out.len() as u64) as usize;
         if exact && c.len() > room {
-            return Err(FetchError::Connection(format!(
+            return Err(FetchError::connection_msg(format!(
                 "{url}: response body longer than the requested range"
             )));
         }
         out.extend_from_slice(&c[..c.len().min(room)]);
     }
     if require_all && (out.len() as u64) < want {
-        return Err(FetchError::Connection(format!(
+        return Err(FetchError::connection_msg(format!(
             "{url}: body ended after {} of {want} bytes",
             out.len()
         )));

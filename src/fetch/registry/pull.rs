@@ -88,7 +88,7 @@ impl RegistryClient {
             resp.content_length()
         };
         size.ok_or_else(|| {
-            FetchError::Backend(format!("{blob}: registry did not say the blob's size"))
+            FetchError::backend_msg(format!("{blob}: registry did not say the blob's size"))
         })
     }
 

@@ -140,13 +140,13 @@ impl RegistryClient {
             .get(LOCATION)
             .and_then(|v| v.to_str().ok())
             .ok_or_else(|| {
-                FetchError::Backend(format!("{r}: upload session without a Location"))
+                FetchError::backend_msg(format!("{r}: upload session without a Location"))
             })?;
         let base = reqwest::Url::parse(&self.repo_url(r))
             .map_err(|e| FetchError::Invalid(e.to_string()))?;
         base.join(loc)
             .map(|u| u.to_string())
-            .map_err(|e| FetchError::Backend(format!("{r}: bad upload Location {loc:?}: {e}")))
+            .map_err(|e| FetchError::backend(format!("{r}: bad upload Location {loc:?}"), e))
     }
 
     /// Puts a manifest under a tag or its digest; returns its digest.
