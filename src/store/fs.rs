@@ -1,22 +1,23 @@
 //! The FUSE filesystem podman sees as an additional layer store:
 //! `<base64(ref)>/<digest>/{diff, info, blob}`, `use` and rmdir as reference counting.
 
-use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use base64::Engine;
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, IoctlFlags,
+    Errno, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, IoctlFlags,
     LockOwner, OpenFlags, PollEvents, PollFlags, PollNotifier, ReplyAttr, ReplyCreate, ReplyData,
     ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen, ReplyPoll, ReplyXattr, Request,
 };
 
-use super::journal::{Journal, LayerRecord, Record};
-use super::layers::{Layer, StoreContext};
+use super::context::StoreContext;
+use super::inodes::{attr, Special, State};
+use super::journal::{Journal, Record};
+use super::layers::Layer;
 use super::tree::NodeKind;
 use crate::report::Chain;
 
@@ -25,80 +26,18 @@ const TTL: Duration = Duration::from_secs(3600);
 /// Unknown names (`diff1`, layers that are not served lazily): cached negative entries.
 const NEGATIVE_TTL: Duration = Duration::from_secs(60);
 
-#[derive(Clone)]
-enum Special {
-    Root,
-    RefDir { reference: String },
-    LayerDir(Arc<Layer>),
-    Info(Arc<Layer>),
-    Blob(Arc<Layer>),
-}
-
-#[derive(Default)]
-struct State {
-    specials: HashMap<u64, Special>,
-    ref_dirs: HashMap<Vec<u8>, u64>,
-    layer_dirs: HashMap<(u64, Vec<u8>), u64>,
-    /// Diff trees: the first inode of each layer's range.
-    ranges: BTreeMap<u64, (Arc<Layer>, u64)>,
-    /// Inodes of each layer's directory, info, blob and diff root, by layer identity.
-    layer_inodes: HashMap<usize, LayerInodes>,
-}
-
-#[derive(Clone, Copy)]
-struct LayerInodes {
-    dir: u64,
-    info: u64,
-    blob: u64,
-    diff_base: u64,
-}
-
 /// The kernel's FUSE ABI version and capabilities, once the handshake happened.
 pub type Handshake = Arc<std::sync::Mutex<Option<((u32, u32), u64)>>>;
 
 /// The store filesystem.
 pub struct StoreFs {
-    ctx: Arc<StoreContext>,
-    state: RwLock<State>,
-    next_ino: AtomicU64,
+    pub(super) ctx: Arc<StoreContext>,
+    pub(super) state: RwLock<State>,
+    pub(super) next_ino: AtomicU64,
     /// Where new inode numbers are recorded before the kernel sees them (restart survival).
-    journal: Option<Arc<Journal>>,
+    pub(super) journal: Option<Arc<Journal>>,
     /// The kernel's ABI version and capabilities from the FUSE handshake.
     kernel: Handshake,
-}
-
-fn time(secs: i64, nanos: u32) -> SystemTime {
-    if secs >= 0 {
-        UNIX_EPOCH + Duration::new(secs as u64, nanos)
-    } else {
-        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
-            + Duration::from_nanos(u64::from(nanos))
-    }
-}
-
-fn attr(ino: u64, kind: FileType, perm: u16, size: u64, nlink: u32) -> FileAttr {
-    FileAttr {
-        ino: INodeNo(ino),
-        size,
-        blocks: size.div_ceil(512),
-        atime: UNIX_EPOCH,
-        mtime: UNIX_EPOCH,
-        ctime: UNIX_EPOCH,
-        crtime: UNIX_EPOCH,
-        kind,
-        perm,
-        nlink,
-        uid: 0,
-        gid: 0,
-        rdev: 0,
-        blksize: 4096,
-        flags: 0,
-    }
-}
-
-fn makedev(major: u32, minor: u32) -> u32 {
-    // The kernel's encoding of a device number in 32 bits.
-    ((major & 0xfff) << 8) | (minor & 0xff) | ((minor & !0xff) << 12)
 }
 
 impl StoreFs {
@@ -123,181 +62,6 @@ impl StoreFs {
     /// What the kernel said at the FUSE handshake (ABI version, capabilities), once it happened.
     pub fn kernel_handshake(&self) -> Handshake {
         self.kernel.clone()
-    }
-
-    /// The filesystem a previous daemon served, rebuilt from its journal: the same inode
-    /// numbers for the same nodes. Layers are rebuilt from local state (artifact store, cache)
-    /// when possible; one that cannot be is logged and its numbers answer ENOENT.
-    pub fn restore(ctx: Arc<StoreContext>, records: &[Record]) -> Self {
-        let fs = StoreFs::new(ctx.clone());
-        let mut refs: HashMap<u64, String> = HashMap::new();
-        let mut layers: HashMap<u64, Arc<Layer>> = HashMap::new();
-        let mut next = 2u64;
-        let mut st = fs.write_state();
-        for r in records {
-            match r {
-                Record::Mount { .. } => {}
-                Record::RefDir { ino, name } => {
-                    next = next.max(ino + 1);
-                    let Some(reference) = decode_ref(name.as_bytes()) else {
-                        continue;
-                    };
-                    refs.insert(*ino, reference.clone());
-                    st.ref_dirs.insert(name.as_bytes().to_vec(), *ino);
-                    st.specials.insert(*ino, Special::RefDir { reference });
-                }
-                Record::Layer(rec) => {
-                    next = next.max(rec.ino + 3 + rec.nodes);
-                    let c = ctx.clone();
-                    let fut = async move {
-                        tokio::time::timeout(c.lookup_timeout, c.restore_layer(rec)).await
-                    };
-                    match ctx.runtime.block_on(fut) {
-                        Ok(Ok(layer)) => {
-                            fs.install(&mut st, rec.ino, &layer);
-                            layers.insert(rec.ino, layer);
-                        }
-                        Ok(Err(e)) => {
-                            tracing::error!(blob = rec.blob, "cannot restore: {}", Chain(&*e))
-                        }
-                        Err(_) => tracing::error!(blob = rec.blob, "restoring timed out"),
-                    }
-                }
-                Record::LayerDir { parent, name, ino } => {
-                    if let (Some(layer), Some(reference)) = (layers.get(ino), refs.get(parent)) {
-                        st.layer_dirs
-                            .insert((*parent, name.as_bytes().to_vec()), *ino);
-                        ctx.remember_layer(reference, name, layer.clone());
-                    }
-                }
-                Record::Uses { ino, uses } => {
-                    if let Some(layer) = layers.get(ino) {
-                        layer.uses.store(*uses, Ordering::SeqCst);
-                    }
-                }
-            }
-        }
-        drop(st);
-        fs.next_ino.store(next, Ordering::SeqCst);
-        tracing::info!(layers = layers.len(), next_inode = next, "restored");
-        fs
-    }
-
-    fn alloc(&self, n: u64) -> u64 {
-        self.next_ino.fetch_add(n, Ordering::Relaxed)
-    }
-
-    fn record(&self, r: &Record) {
-        if let Some(j) = &self.journal {
-            if let Err(e) = j.append(r) {
-                tracing::warn!("inode journal: {e}; a restart will not keep this mount");
-            }
-        }
-    }
-
-    fn read_state(&self) -> std::sync::RwLockReadGuard<'_, State> {
-        self.state.read().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, State> {
-        self.state.write().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn special(&self, ino: u64) -> Option<Special> {
-        self.read_state().specials.get(&ino).cloned()
-    }
-
-    /// The layer and tree node behind a diff inode.
-    fn diff_node(&self, ino: u64) -> Option<(Arc<Layer>, usize)> {
-        let st = self.read_state();
-        let (base, (layer, n)) = st.ranges.range(..=ino).next_back()?;
-        let idx = ino - base;
-        (idx < *n).then(|| (layer.clone(), idx as usize))
-    }
-
-    fn layer_inodes(&self, layer: &Arc<Layer>) -> LayerInodes {
-        let key = Arc::as_ptr(layer) as usize;
-        if let Some(i) = self.read_state().layer_inodes.get(&key) {
-            return *i;
-        }
-        let mut st = self.write_state();
-        if let Some(i) = st.layer_inodes.get(&key) {
-            return *i;
-        }
-        let n = layer.tree.nodes.len() as u64;
-        let base = self.alloc(3 + n);
-        self.record(&Record::Layer(Box::new(LayerRecord {
-            ino: base,
-            nodes: n,
-            reference: layer.reference.to_string(),
-            blob: layer.blob.digest.clone(),
-            blob_size: layer.blob_size,
-            ztoc: layer.ztoc_digest.clone(),
-            ztoc_size: layer.ztoc_size,
-            table: layer.table.clone(),
-            windows: layer.reader.source().windows().map(|w| w.digest.clone()),
-            info: String::from_utf8_lossy(&layer.info).into_owned(),
-        })));
-        self.install(&mut st, base, layer)
-    }
-
-    /// Gives `layer` the numbers `base` (its directory), `base+1` (info), `base+2` (blob) and
-    /// from `base+3` its diff tree.
-    fn install(&self, st: &mut State, base: u64, layer: &Arc<Layer>) -> LayerInodes {
-        let n = layer.tree.nodes.len() as u64;
-        let i = LayerInodes {
-            dir: base,
-            info: base + 1,
-            blob: base + 2,
-            diff_base: base + 3,
-        };
-        st.specials.insert(i.dir, Special::LayerDir(layer.clone()));
-        st.specials.insert(i.info, Special::Info(layer.clone()));
-        st.specials.insert(i.blob, Special::Blob(layer.clone()));
-        st.ranges.insert(i.diff_base, (layer.clone(), n));
-        st.layer_inodes.insert(Arc::as_ptr(layer) as usize, i);
-        i
-    }
-
-    fn special_attr(&self, ino: u64, s: &Special) -> FileAttr {
-        match s {
-            Special::Root | Special::RefDir { .. } | Special::LayerDir(_) => {
-                attr(ino, FileType::Directory, 0o755, 0, 2)
-            }
-            Special::Info(l) => attr(ino, FileType::RegularFile, 0o444, l.info.len() as u64, 1),
-            Special::Blob(l) => attr(ino, FileType::RegularFile, 0o444, l.blob_size, 1),
-        }
-    }
-
-    fn node_attr(&self, ino: u64, layer: &Layer, idx: usize) -> FileAttr {
-        let n = &layer.tree.nodes[idx];
-        let (kind, size, rdev) = match &n.kind {
-            NodeKind::Dir => (FileType::Directory, 4096, 0),
-            NodeKind::File { size, .. } => (FileType::RegularFile, *size, 0),
-            NodeKind::Symlink(t) => (FileType::Symlink, t.len() as u64, 0),
-            NodeKind::Char { major, minor } => (FileType::CharDevice, 0, makedev(*major, *minor)),
-            NodeKind::Block { major, minor } => (FileType::BlockDevice, 0, makedev(*major, *minor)),
-            NodeKind::Fifo => (FileType::NamedPipe, 0, 0),
-            NodeKind::Whiteout => (FileType::CharDevice, 0, 0),
-        };
-        let t = time(n.mtime.0, n.mtime.1);
-        FileAttr {
-            ino: INodeNo(ino),
-            size,
-            blocks: size.div_ceil(512),
-            atime: t,
-            mtime: t,
-            ctime: t,
-            crtime: t,
-            kind,
-            perm: (n.mode & 0o7777) as u16,
-            nlink: n.nlink,
-            uid: n.uid,
-            gid: n.gid,
-            rdev,
-            blksize: 4096,
-            flags: 0,
-        }
     }
 
     /// Resolves a layer on the runtime, bounded by the lookup timeout.
@@ -343,7 +107,7 @@ impl StoreFs {
     }
 }
 
-fn decode_ref(name: &[u8]) -> Option<String> {
+pub(super) fn decode_ref(name: &[u8]) -> Option<String> {
     let raw = base64::engine::general_purpose::STANDARD
         .decode(name)
         .ok()?;

@@ -1,12 +1,18 @@
 //! The podman store: a FUSE "additional layer store" (podman-store.md) serving SOCI-indexed
-//! layers lazily. `layers` resolves what podman asks for, `tree` shapes a layer's files the way
-//! overlayfs wants them, `fs` answers the kernel.
+//! layers lazily. `context` holds what the store needs and resolves what podman asks for into a
+//! `layers::Layer`; `background` completes resolved layers while the store is idle; `tree` shapes
+//! a layer's files the way overlayfs wants them; `fs` answers the kernel (`inodes`: the inode
+//! table; `restore`: rebuilding it after a restart); `journal` and `handoff` survive restarts.
 
+mod background;
+mod context;
 pub mod fs;
 pub mod handoff;
+mod inodes;
 pub mod journal;
-pub mod layers;
+mod layers;
 pub mod metrics;
+mod restore;
 pub mod tree;
 
 use std::io::Write;
@@ -17,10 +23,11 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use fuser::{Config as FuseConfig, MountOption, SessionACL};
 
+pub use context::{LookupError, StoreContext};
 pub use fs::StoreFs;
 use handoff::StatePaths;
 use journal::{Journal, Record};
-pub use layers::StoreContext;
+pub use layers::Layer;
 
 /// Makes `mountpoint` ready for a fresh mount: a soci-store mount still there (a daemon that died
 /// without a holder, or whose holder was let go) is detached without touching it — touching a mount
