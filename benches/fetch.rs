@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use sha2::{Digest, Sha256};
 use soci_store::cache::{DiskCache, MemoryCache, SpanCache, SpanKey};
 use soci_store::fetch::registry::{RegistryFetcher, RegistryOptions};
 use soci_store::fetch::{BlobLocator, Fetcher};
@@ -81,7 +80,7 @@ fn main() {
                 .collect()
         }
     };
-    let digest = format!("sha256:{}", hex::encode(Sha256::digest(&blob)));
+    let digest = soci_store::digest::Digest::of(&blob);
     let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

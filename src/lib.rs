@@ -22,6 +22,7 @@ pub mod cache;
 #[cfg(feature = "daemon")]
 pub mod cli;
 pub mod config;
+pub mod digest;
 pub mod fetch;
 pub mod index;
 pub mod reference;

@@ -3,6 +3,8 @@
 
 use std::fmt;
 
+use crate::digest::Digest;
+
 /// A parsed, normalized image reference.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Reference {
@@ -11,8 +13,7 @@ pub struct Reference {
     /// Repository path, e.g. `library/alpine`.
     pub repository: String,
     pub tag: Option<String>,
-    /// `sha256:<hex>`.
-    pub digest: Option<String>,
+    pub digest: Option<Digest>,
 }
 
 /// A reference that could not be parsed.
@@ -21,15 +22,6 @@ pub struct Reference {
 pub struct ReferenceError {
     input: String,
     why: &'static str,
-}
-
-/// Checks `sha256:<64 lowercase hex>`.
-pub fn is_digest(s: &str) -> bool {
-    s.strip_prefix("sha256:").is_some_and(|h| {
-        h.len() == 64
-            && h.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    })
 }
 
 impl Reference {
@@ -45,10 +37,8 @@ impl Reference {
         }
         let (rest, digest) = match s.split_once('@') {
             Some((r, d)) => {
-                if !is_digest(d) {
-                    return Err(err("digest must be sha256:<64 hex>"));
-                }
-                (r, Some(d.to_string()))
+                let d = Digest::parse(d).map_err(|_| err("digest must be sha256:<64 hex>"))?;
+                (r, Some(d))
             }
             None => (s, None),
         };
@@ -124,9 +114,9 @@ impl Reference {
     }
 
     /// The same repository at another tag or digest.
-    pub fn with_digest(&self, digest: &str) -> Reference {
+    pub fn with_digest(&self, digest: &Digest) -> Reference {
         Reference {
-            digest: Some(digest.to_string()),
+            digest: Some(digest.clone()),
             tag: None,
             ..self.clone()
         }

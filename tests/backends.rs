@@ -39,7 +39,7 @@ fn registry_fetcher(addr: &str, auth_files: Vec<std::path::PathBuf>) -> Registry
 fn locator(addr: &str, repo: &str, digest: &str) -> BlobLocator {
     BlobLocator::new(
         Reference::parse(&format!("{addr}/{repo}:x")).unwrap(),
-        digest,
+        common::digest(digest),
     )
 }
 

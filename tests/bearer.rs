@@ -164,7 +164,7 @@ async fn bearer_tokens_from_the_announced_realm() {
         .await;
     let loc = BlobLocator::new(
         Reference::parse(&format!("{}/test/app:v1", reg.addr())).unwrap(),
-        &layers[0],
+        digest(&layers[0]),
     );
 
     let auth = dir.path().join("auth.json");

@@ -105,7 +105,7 @@ fn get_file_checks_the_ztoc_against_its_digest_or_says_it_cannot() {
         "{refused:?}"
     );
     assert!(
-        stderr.contains(&digest) && stderr.contains(&wrong),
+        stderr.contains(digest.as_str()) && stderr.contains(&wrong),
         "{stderr}"
     );
 

@@ -68,7 +68,7 @@ async fn credentials_from_a_helper_program() {
     .unwrap();
     let loc = BlobLocator::new(
         Reference::parse(&format!("{}/test/app:v1", reg.addr())).unwrap(),
-        &layers[0],
+        digest(&layers[0]),
     );
     let got = f.read_range(&loc, 0..gz.len() as u64).await.unwrap();
     assert!(got[..] == gz[..]);

@@ -217,7 +217,7 @@ async fn read_span(
     let store = store_via(p.port);
     let loc = BlobLocator::new(
         Reference::parse(&format!("127.0.0.1:{}/test/app:v1", p.port)).unwrap(),
-        &s.digest,
+        digest(&s.digest),
     );
     let t = Instant::now();
     let result = store.span(&loc, &s.z, 2).await;
@@ -296,7 +296,7 @@ async fn client_errors_are_not_retried() {
     let store = store_via(p.port);
     let loc = BlobLocator::new(
         Reference::parse(&format!("127.0.0.1:{}/test/app:v1", p.port)).unwrap(),
-        sha256_digest(b"not there"),
+        digest(&sha256_digest(b"not there")),
     );
     let err = store.span(&loc, &s.z, 0).await.unwrap_err();
     assert!(matches!(*err, FetchError::NotFound(_)), "{err}");

@@ -282,7 +282,7 @@ fn mutated_layers_index_and_read_back_exactly() {
 fn image_manifest() -> Manifest {
     let mut layer = Descriptor::new(
         index::MT_OCI_LAYER_GZIP,
-        format!("sha256:{}", "a".repeat(64)),
+        dg(&format!("sha256:{}", "a".repeat(64))),
         1234,
     );
     layer.annotations.insert(
@@ -295,7 +295,7 @@ fn image_manifest() -> Manifest {
         artifact_type: None,
         config: Descriptor::new(
             index::MT_OCI_CONFIG,
-            format!("sha256:{}", "c".repeat(64)),
+            dg(&format!("sha256:{}", "c".repeat(64))),
             99,
         ),
         layers: vec![layer],
@@ -309,16 +309,20 @@ fn mutated_manifests_indexes_and_references_parse_or_fail() {
     let image = image_manifest();
     let image_bytes = index::to_json(&image);
     let image_digest = index::sha256_digest(&image_bytes);
-    let mut ztoc = Descriptor::new(index::MT_ZTOC, format!("sha256:{}", "d".repeat(64)), 10);
+    let mut ztoc = Descriptor::new(
+        index::MT_ZTOC,
+        dg(&format!("sha256:{}", "d".repeat(64))),
+        10,
+    );
     ztoc.annotations.insert(
         index::ANN_LAYER_DIGEST.into(),
-        image.layers[0].digest.clone(),
+        image.layers[0].digest.to_string(),
     );
     let soci = Manifest {
         schema_version: 2,
         media_type: Some(index::MT_OCI_MANIFEST.into()),
         artifact_type: None,
-        config: Descriptor::new(index::MT_SOCI_INDEX_V2, index::EMPTY_JSON_DIGEST, 2),
+        config: Descriptor::new(index::MT_SOCI_INDEX_V2, index::empty_json_digest(), 2),
         layers: vec![ztoc],
         subject: None,
         annotations: Default::default(),
@@ -374,4 +378,8 @@ fn the_mutator_is_deterministic() {
     for _ in 0..50 {
         assert!(mutate(&mut a, &input) == mutate(&mut b, &input));
     }
+}
+
+fn dg(s: &str) -> soci_store::digest::Digest {
+    soci_store::digest::Digest::parse(s).unwrap()
 }

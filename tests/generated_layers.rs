@@ -284,7 +284,7 @@ fn cli_round_trip() {
         String::from_utf8_lossy(&out.stderr)
     );
     let digest = Ztoc::digest_of(&std::fs::read(&ztoc_path).unwrap());
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with(&digest));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with(digest.as_str()));
 
     let info = Command::new(bin)
         .args(["ztoc", "info", "--json"])

@@ -9,8 +9,10 @@ use std::process::Command;
 use std::sync::Arc;
 
 use common::podman::Podman;
+use common::servers::sha256_digest;
 use common::servers::{registry, Pusher, RegistryOpts, Server};
 use common::*;
+use soci_store::digest::Digest;
 use soci_store::fetch::registry::{RegistryClient, RegistryFetcher, RegistryOptions};
 use soci_store::fetch::FetcherChain;
 use soci_store::index::discover::{fetch_ztoc, validate_index, IndexKind};
@@ -100,7 +102,7 @@ async fn get(client: &RegistryClient, r: &str) -> (bytes::Bytes, String) {
         .manifest(&Reference::parse(r).unwrap(), MANIFEST_TYPES)
         .await
         .unwrap();
-    (b, d)
+    (b, d.to_string())
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -179,7 +181,7 @@ async fn convert_makes_a_valid_soci_enabled_image() {
                 .iter()
                 .filter(|d| {
                     d.media_type == mt
-                        && d.annotations.get("io.github.soci-store.ztoc-digest") == Some(&z.digest)
+                        && d.annotations.get("io.github.soci-store.ztoc-digest").map(String::as_str) == Some(z.digest.as_str())
                         && d.annotations.get("io.github.soci-store.image-layer-digest")
                             == z.annotations.get(ANN_LAYER_DIGEST)
                         // Never mistaken for a zTOC by tools that look up by this key.
@@ -441,7 +443,7 @@ async fn discovery_through_the_referrers_api() {
         .unwrap();
     assert!(del.status().is_success(), "{}", del.status());
 
-    let mut entry = Descriptor::new(MT_OCI_MANIFEST, index, soci_bytes.len() as u64);
+    let mut entry = Descriptor::new(MT_OCI_MANIFEST, digest(index), soci_bytes.len() as u64);
     entry.artifact_type = Some(MT_SOCI_INDEX_V1.into());
     let listing = to_json(&Index {
         schema_version: 2,
@@ -506,10 +508,10 @@ fn manifest_of(layers: &[&str]) -> Manifest {
         schema_version: 2,
         media_type: Some(MT_OCI_MANIFEST.into()),
         artifact_type: None,
-        config: Descriptor::new(MT_OCI_CONFIG, sha256_digest(b"c"), 1),
+        config: Descriptor::new(MT_OCI_CONFIG, Digest::of(b"c"), 1),
         layers: layers
             .iter()
-            .map(|d| Descriptor::new(MT_OCI_LAYER_GZIP, *d, 10))
+            .map(|d| Descriptor::new(MT_OCI_LAYER_GZIP, digest(d), 10))
             .collect(),
         subject: None,
         annotations: Default::default(),
@@ -520,13 +522,13 @@ fn manifest_of(layers: &[&str]) -> Manifest {
 fn bad_indexes_are_rejected_with_clear_errors() {
     let (l1, l2) = (sha256_digest(b"l1"), sha256_digest(b"l2"));
     let image = manifest_of(&[&l1, &l2]);
-    let mut z = Descriptor::new(MT_ZTOC, sha256_digest(b"z"), 1);
+    let mut z = Descriptor::new(MT_ZTOC, Digest::of(b"z"), 1);
     z.annotations.insert(ANN_LAYER_DIGEST.into(), l1.clone());
     let good = Manifest {
         schema_version: 2,
         media_type: Some(MT_OCI_MANIFEST.into()),
         artifact_type: None,
-        config: Descriptor::new(MT_SOCI_INDEX_V2, EMPTY_JSON_DIGEST, 2),
+        config: Descriptor::new(MT_SOCI_INDEX_V2, digest(EMPTY_JSON_DIGEST), 2),
         layers: vec![z.clone()],
         subject: None,
         annotations: Default::default(),
@@ -558,7 +560,11 @@ fn bad_indexes_are_rejected_with_clear_errors() {
 
     let mut v1 = good.clone();
     v1.config.media_type = MT_SOCI_INDEX_V1.into();
-    v1.subject = Some(Descriptor::new(MT_OCI_MANIFEST, "sha256:another", 10));
+    v1.subject = Some(Descriptor::new(
+        MT_OCI_MANIFEST,
+        digest(&sha256_digest(b"another")),
+        10,
+    ));
     let err = check(&v1, IndexKind::V1).unwrap_err();
     assert!(err.to_string().contains("another image"), "{err}");
     v1.subject = None;
@@ -571,12 +577,12 @@ async fn missing_or_corrupt_ztocs_are_errors() {
     let client = env.fetchers();
     let r = Reference::parse(&env.image(":v1")).unwrap();
     // A zTOC the registry does not have.
-    let missing = Descriptor::new(MT_ZTOC, sha256_digest(b"no such ztoc"), 100);
+    let missing = Descriptor::new(MT_ZTOC, Digest::of(b"no such ztoc"), 100);
     let err = fetch_ztoc(&client, None, &r, &missing).await.unwrap_err();
     assert!(err.to_string().contains("not found"), "{err}");
     // A descriptor whose digest does not match the blob it names (the layer is no zTOC).
     let (_, gz) = &env.layers[2];
-    let mut lying = Descriptor::new(MT_ZTOC, env.layer_digests[2].clone(), gz.len() as u64);
+    let mut lying = Descriptor::new(MT_ZTOC, digest(&env.layer_digests[2]), gz.len() as u64);
     let err = fetch_ztoc(&client, None, &r, &lying).await.unwrap_err();
     assert!(err.to_string().contains("zTOC"), "{err}");
     lying.size = 1 << 40;
@@ -732,13 +738,17 @@ async fn multi_platform_images_keep_their_other_platforms() {
         }
     };
     put(arm_digest.clone(), arm_bytes.to_vec(), MT_OCI_MANIFEST).await;
-    let mut amd = Descriptor::new(MT_OCI_MANIFEST, &amd64_digest, amd64_bytes.len() as u64);
+    let mut amd = Descriptor::new(
+        MT_OCI_MANIFEST,
+        digest(&amd64_digest),
+        amd64_bytes.len() as u64,
+    );
     amd.platform = Some(Platform {
         architecture: "amd64".into(),
         os: "linux".into(),
         variant: None,
     });
-    let mut armd = Descriptor::new(MT_OCI_MANIFEST, &arm_digest, arm_bytes.len() as u64);
+    let mut armd = Descriptor::new(MT_OCI_MANIFEST, digest(&arm_digest), arm_bytes.len() as u64);
     armd.platform = Some(Platform {
         architecture: "arm64".into(),
         os: "linux".into(),

@@ -38,11 +38,9 @@ pub struct DiskCache {
 
 /// The directory name for a layer digest (its hex; anything else is hashed so it stays a name).
 fn layer_dir(layer: &str) -> String {
-    match layer.strip_prefix("sha256:") {
-        Some(h) if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) => {
-            h.to_ascii_lowercase()
-        }
-        _ => {
+    match crate::digest::Digest::parse(layer) {
+        Ok(d) => d.hex().to_string(),
+        Err(_) => {
             use sha2::Digest;
             format!("x{}", hex::encode(sha2::Sha256::digest(layer.as_bytes())))
         }

@@ -24,9 +24,9 @@ pub struct SpanKey {
 }
 
 impl SpanKey {
-    pub fn new(layer: impl Into<String>, span: usize) -> Self {
+    pub fn new(layer: impl AsRef<str>, span: usize) -> Self {
         SpanKey {
-            layer: layer.into(),
+            layer: layer.as_ref().to_string(),
             span: span as u32,
         }
     }

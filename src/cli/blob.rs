@@ -5,10 +5,11 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use sha2::{Digest, Sha256};
+use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use super::CliContext;
+use crate::digest::Digest;
 use crate::fetch::registry::RegistryClient;
 use crate::fetch::s3::{parse_s3_url, S3Fetcher, S3Options};
 use crate::fetch::BlobLocator;
@@ -144,18 +145,18 @@ impl MirrorArgs {
 #[derive(Default)]
 struct Needed {
     /// Digest and, for manifests and indexes, the bytes already read.
-    blobs: Vec<(String, Option<bytes::Bytes>)>,
+    blobs: Vec<(Digest, Option<bytes::Bytes>)>,
     /// Tag → (manifest digest, media type): the reference's own tag and the SOCI v1 referrers
     /// fallback tags (`sha256-<hex>`), so discovery works from the mirror alone.
-    tags: Vec<(Reference, String, String)>,
+    tags: Vec<(Reference, Digest, String)>,
 }
 
 impl Needed {
-    fn add_blob(&mut self, digest: &str, data: Option<bytes::Bytes>) -> bool {
+    fn add_blob(&mut self, digest: &Digest, data: Option<bytes::Bytes>) -> bool {
         if self.blobs.iter().any(|(d, _)| d == digest) {
             return false;
         }
-        self.blobs.push((digest.to_string(), data));
+        self.blobs.push((digest.clone(), data));
         true
     }
 }
@@ -190,7 +191,8 @@ async fn collect(client: &RegistryClient, image: &Reference) -> Result<Needed> {
             out.add_blob(&b.digest, None);
         }
         if let Some(d) = m.annotations.get(ANN_INDEX_DIGEST) {
-            queue.push(image.with_digest(d));
+            let d = Digest::parse(d).with_context(|| format!("{r}: {ANN_INDEX_DIGEST}"))?;
+            queue.push(image.with_digest(&d));
         }
         // SOCI v1 indexes name this manifest as their subject: a listing of them, kept under
         // the fallback tag (what discovery reads when a mirror has no referrers API).
@@ -199,7 +201,7 @@ async fn collect(client: &RegistryClient, image: &Reference) -> Result<Needed> {
             continue;
         }
         let fallback = Reference {
-            tag: Some(format!("sha256-{}", digest.trim_start_matches("sha256:"))),
+            tag: Some(format!("sha256-{}", digest.hex())),
             digest: None,
             ..image.clone()
         };
@@ -240,7 +242,7 @@ async fn mirror(
     let needed = collect(client, image).await?;
     for (digest, inline) in needed.blobs {
         let loc = BlobLocator::new(image.clone(), digest.clone());
-        let hex = loc.hex()?.to_string();
+        let hex = loc.hex().to_string();
         if s3.exists(&hex).await? {
             skipped += 1;
             continue;

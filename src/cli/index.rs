@@ -106,7 +106,7 @@ pub enum IndexCommand {
     /// List the SOCI indexes in the local artifact store.
     Ls,
     /// Show one stored SOCI index (its manifest and what it indexes).
-    Info { digest: String },
+    Info { digest: crate::digest::Digest },
     /// Find the SOCI index of an image in its registry (and keep it in the store).
     Discover {
         image: String,

@@ -66,9 +66,11 @@ static ARTIFACTS: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::ne
 
 /// A zTOC file, or a `sha256:` digest of one in the local artifact store.
 /// The digest `path` names when it is not a file but a zTOC in the artifact store.
-fn stored_digest(path: &Path) -> Option<String> {
-    let name = path.to_string_lossy();
-    (!path.exists() && crate::reference::is_digest(&name)).then(|| name.into_owned())
+fn stored_digest(path: &Path) -> Option<crate::digest::Digest> {
+    if path.exists() {
+        return None;
+    }
+    crate::digest::Digest::parse(&path.to_string_lossy()).ok()
 }
 
 fn load(path: &Path) -> Result<(Vec<u8>, Ztoc)> {
@@ -297,7 +299,7 @@ fn get_file(
     // A zTOC named by digest (artifact store) is checked against that name.
     match ztoc_digest
         .map(str::to_string)
-        .or_else(|| stored_digest(ztoc_path))
+        .or_else(|| stored_digest(ztoc_path).map(String::from))
     {
         Some(want) => {
             let got = Ztoc::digest_of(&bytes);

@@ -31,7 +31,7 @@ impl LocalFetcher {
     }
 
     fn path(&self, blob: &BlobLocator) -> Result<PathBuf, FetchError> {
-        Ok(self.root.join("blobs/sha256").join(blob.hex()?))
+        Ok(self.root.join("blobs/sha256").join(blob.hex()))
     }
 
     fn open(&self, blob: &BlobLocator) -> Result<std::fs::File, FetchError> {
@@ -91,7 +91,7 @@ impl Fetcher for LocalFetcher {
             (None, Some(tag)) => {
                 #[derive(serde::Deserialize)]
                 struct Entry {
-                    digest: String,
+                    digest: crate::digest::Digest,
                     #[serde(rename = "mediaType", default)]
                     media_type: String,
                     #[serde(default)]

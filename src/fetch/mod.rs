@@ -13,30 +13,27 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use crate::digest::Digest;
 use crate::reference::Reference;
 
 /// Which blob: the repository it belongs to and its digest.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct BlobLocator {
     pub reference: Reference,
-    /// `sha256:<hex>`.
-    pub digest: String,
+    pub digest: Digest,
 }
 
 impl BlobLocator {
-    pub fn new(reference: Reference, digest: impl Into<String>) -> Self {
+    pub fn new(reference: Reference, digest: impl Into<Digest>) -> Self {
         BlobLocator {
             reference,
             digest: digest.into(),
         }
     }
 
-    /// The hex part of the digest (validated when the locator is used for a path).
-    pub fn hex(&self) -> Result<&str, FetchError> {
-        self.digest
-            .strip_prefix("sha256:")
-            .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-            .ok_or_else(|| FetchError::Invalid(format!("not a sha256 digest: {:?}", self.digest)))
+    /// The hex part of the digest (for paths and object keys).
+    pub fn hex(&self) -> &str {
+        self.digest.hex()
     }
 }
 
@@ -132,8 +129,7 @@ pub struct FetchedManifest {
     /// The media type the backend declared (an HTTP `Content-Type`, a mirror's tag record);
     /// empty when it declared none.
     pub media_type: String,
-    /// `sha256:<hex>` of `data`.
-    pub digest: String,
+    pub digest: Digest,
 }
 
 impl FetchedManifest {
@@ -142,11 +138,11 @@ impl FetchedManifest {
     pub fn checked(
         data: Bytes,
         media_type: impl Into<String>,
-        want: Option<&str>,
+        want: Option<&Digest>,
         what: &dyn fmt::Display,
     ) -> Result<Self, FetchError> {
         let digest = crate::index::sha256_digest(&data);
-        if let Some(want) = want.filter(|w| *w != digest) {
+        if let Some(want) = want.filter(|w| **w != digest) {
             return Err(FetchError::Integrity(format!(
                 "{what}: manifest content has digest {digest}, not {want}"
             )));
@@ -339,7 +335,7 @@ impl FetcherChain {
         let m = self
             .first_hit(reference, |f| f.manifest(reference, accept))
             .await?;
-        FetchedManifest::checked(m.data, m.media_type, reference.digest.as_deref(), reference)
+        FetchedManifest::checked(m.data, m.media_type, reference.digest.as_ref(), reference)
     }
 
     /// Referrers from the first fetcher with a referrers API; `Ok(None)` when none has one or

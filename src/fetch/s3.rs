@@ -13,6 +13,7 @@ use object_store::{ObjectStore, ObjectStoreExt};
 use serde::{Deserialize, Serialize};
 
 use super::{BlobLocator, FetchError, FetchedManifest, Fetcher};
+use crate::digest::Digest;
 use crate::reference::Reference;
 
 /// Options of the `s3` fetcher (config keys). Unset credentials and region come from the usual
@@ -48,7 +49,7 @@ pub fn parse_s3_url(url: &str) -> Result<(String, String), FetchError> {
 /// What a tag object holds.
 #[derive(Debug, Deserialize, Serialize)]
 struct TagRecord {
-    digest: String,
+    digest: Digest,
     #[serde(rename = "mediaType", default)]
     media_type: String,
 }
@@ -136,14 +137,14 @@ impl S3Fetcher {
     pub async fn put_tag(
         &self,
         reference: &Reference,
-        digest: &str,
+        digest: &Digest,
         media_type: &str,
     ) -> Result<(), FetchError> {
         let path = self
             .tag_path(reference)
             .ok_or_else(|| FetchError::Invalid(format!("{reference} names no tag")))?;
         let record = serde_json::to_vec(&TagRecord {
-            digest: digest.to_string(),
+            digest: digest.clone(),
             media_type: media_type.to_string(),
         })
         .expect("json");
@@ -188,7 +189,7 @@ impl Fetcher for S3Fetcher {
     async fn blob_size(&self, blob: &BlobLocator) -> Result<u64, FetchError> {
         let meta = self
             .store
-            .head(&self.blob_path(blob.hex()?))
+            .head(&self.blob_path(blob.hex()))
             .await
             .map_err(map_err)?;
         Ok(meta.size)
@@ -215,7 +216,7 @@ impl Fetcher for S3Fetcher {
             }
         };
         let blob = BlobLocator::new(reference.clone(), digest.clone());
-        let data = self.small_object(&self.blob_path(blob.hex()?), max).await?;
+        let data = self.small_object(&self.blob_path(blob.hex()), max).await?;
         FetchedManifest::checked(data, media_type, Some(&digest), reference)
     }
 
@@ -223,7 +224,7 @@ impl Fetcher for S3Fetcher {
         let want = range.end.saturating_sub(range.start);
         let data = self
             .store
-            .get_range(&self.blob_path(blob.hex()?), range.clone())
+            .get_range(&self.blob_path(blob.hex()), range.clone())
             .await
             .map_err(map_err)?;
         if data.len() as u64 != want {
@@ -242,7 +243,7 @@ impl Fetcher for S3Fetcher {
     ) -> Result<Vec<Bytes>, FetchError> {
         // object_store coalesces and parallelizes ranges itself.
         self.store
-            .get_ranges(&self.blob_path(blob.hex()?), ranges)
+            .get_ranges(&self.blob_path(blob.hex()), ranges)
             .await
             .map_err(map_err)
     }

@@ -7,13 +7,14 @@ use std::io::Read;
 
 use bytes::Bytes;
 use futures::stream::{BoxStream, StreamExt};
-use sha2::{Digest, Sha256};
+use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
 
 use super::discover::IndexKind;
 use super::image::{Endpoint, ImageRef};
 use super::store::{ArtifactStore, IndexRecord};
 use super::*;
+use crate::digest::Digest;
 use crate::fetch::FetchError;
 use crate::reference::Reference;
 use crate::ztoc::{self, format, BuildOptions, Ztoc};
@@ -76,10 +77,10 @@ impl Progress for Quiet {}
 /// What happened to one layer.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct LayerReport {
-    pub digest: String,
+    pub digest: Digest,
     pub size: u64,
     /// The zTOC digest, when the layer was indexed.
-    pub ztoc: Option<String>,
+    pub ztoc: Option<Digest>,
     pub spans: usize,
     /// Why it was not indexed, or how it reached the destination.
     pub note: String,
@@ -89,8 +90,8 @@ pub struct LayerReport {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct PlatformReport {
     pub platform: String,
-    pub image_manifest: String,
-    pub soci_index: String,
+    pub image_manifest: Digest,
+    pub soci_index: Digest,
     pub layers: Vec<LayerReport>,
 }
 
@@ -98,7 +99,7 @@ pub struct PlatformReport {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct ConvertReport {
     /// The image index (`convert`), or the fallback tag index (`create` without referrers API).
-    pub index: Option<String>,
+    pub index: Option<Digest>,
     pub platforms: Vec<PlatformReport>,
 }
 
@@ -233,7 +234,7 @@ async fn process_layer(
 fn ztoc_descriptor(layer: &Descriptor, z: &Ztoc, bytes: &[u8]) -> Descriptor {
     let mut d = Descriptor::new(MT_ZTOC, sha256_digest(bytes), bytes.len() as u64);
     d.annotations
-        .insert(ANN_LAYER_DIGEST.into(), layer.digest.clone());
+        .insert(ANN_LAYER_DIGEST.into(), layer.digest.to_string());
     d.annotations
         .insert(ANN_LAYER_MEDIA_TYPE.into(), layer.media_type.clone());
     d.annotations
@@ -264,9 +265,9 @@ fn table_artifacts(
         }
         let mut d = Descriptor::new(mt, sha256_digest(&bytes), bytes.len() as u64);
         d.annotations
-            .insert(ANN_TABLE_LAYER_DIGEST.into(), layer.digest.clone());
+            .insert(ANN_TABLE_LAYER_DIGEST.into(), layer.digest.to_string());
         d.annotations
-            .insert(ANN_TABLE_ZTOC_DIGEST.into(), zdesc.digest.clone());
+            .insert(ANN_TABLE_ZTOC_DIGEST.into(), zdesc.digest.to_string());
         out.push((d, bytes));
     }
     Ok(out)
@@ -442,7 +443,7 @@ async fn index_layers(
                     let mut d =
                         Descriptor::new(MT_SOCI_PREFETCH, sha256_digest(&p), p.len() as u64);
                     d.annotations
-                        .insert(ANN_LAYER_DIGEST.into(), layer.digest.clone());
+                        .insert(ANN_LAYER_DIGEST.into(), layer.digest.to_string());
                     artifacts.push((d, p));
                     note_push(&mut note, "prefetch artifact");
                 }
@@ -512,7 +513,7 @@ async fn push_ztocs(
         blobs.push(bytes.clone());
         ztocs.push(desc.clone());
     }
-    dst.put_blob(EMPTY_JSON_DIGEST, Bytes::from_static(EMPTY_JSON))
+    dst.put_blob(&empty_json_digest(), Bytes::from_static(EMPTY_JSON))
         .await?;
     Ok((ztocs, blobs))
 }
@@ -527,7 +528,7 @@ fn soci_index(kind: IndexKind, ztocs: Vec<Descriptor>, subject: Option<Descripto
         schema_version: 2,
         media_type: Some(MT_OCI_MANIFEST.into()),
         artifact_type: None,
-        config: Descriptor::new(config_type, EMPTY_JSON_DIGEST, EMPTY_JSON.len() as u64),
+        config: Descriptor::new(config_type, empty_json_digest(), EMPTY_JSON.len() as u64),
         layers: ztocs,
         subject,
         annotations: BTreeMap::from([(ANN_BUILD_TOOL.to_string(), ztoc::BUILD_TOOL.to_string())]),
@@ -537,7 +538,7 @@ fn soci_index(kind: IndexKind, ztocs: Vec<Descriptor>, subject: Option<Descripto
 /// The image manifests to convert: (platform, manifest bytes, digest).
 /// The image manifests to convert (platform, bytes, digest), and the descriptors of the platforms
 /// left as they are.
-type Selection = (Vec<(Platform, Bytes, String)>, Vec<Descriptor>);
+type Selection = (Vec<(Platform, Bytes, Digest)>, Vec<Descriptor>);
 
 async fn platform_manifests(
     src: &Endpoint,
@@ -658,16 +659,17 @@ pub async fn convert(
             if opts.podman_annotations {
                 if let Some(z) = ztocs.iter().find(|z| {
                     z.media_type == MT_ZTOC
-                        && z.annotations.get(ANN_LAYER_DIGEST) == Some(&l.digest)
+                        && z.annotations.get(ANN_LAYER_DIGEST).map(String::as_str)
+                            == Some(l.digest.as_str())
                 }) {
                     l.annotations
-                        .insert(ANN_STARGZ_TOC.into(), z.digest.clone());
+                        .insert(ANN_STARGZ_TOC.into(), z.digest.to_string());
                 }
             }
         }
         image
             .annotations
-            .insert(ANN_INDEX_DIGEST.into(), index_digest.clone());
+            .insert(ANN_INDEX_DIGEST.into(), index_digest.to_string());
         let image_bytes = Bytes::from(to_json(&image));
         let image_digest = dst
             .put_manifest(image_bytes.clone(), MT_OCI_MANIFEST, None)
@@ -681,7 +683,7 @@ pub async fn convert(
         sdesc.platform = Some(platform.clone());
         sdesc
             .annotations
-            .insert(ANN_IMAGE_MANIFEST_DIGEST.into(), image_digest.clone());
+            .insert(ANN_IMAGE_MANIFEST_DIGEST.into(), image_digest.to_string());
         soci_descs.push(sdesc);
 
         let mut all: Vec<&[u8]> = blobs.iter().map(Vec::as_slice).collect();

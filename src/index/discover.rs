@@ -11,6 +11,7 @@ use super::{
     MANIFEST_TYPES, MT_OCI_MANIFEST, MT_SOCI_INDEX_V1, MT_SOCI_INDEX_V2, MT_ZTOC_TABLE,
     MT_ZTOC_WINDOWS,
 };
+use crate::digest::Digest;
 use crate::fetch::{BlobLocator, FetchError, FetcherChain};
 use crate::reference::Reference;
 use crate::report::Chain;
@@ -30,9 +31,9 @@ pub enum IndexKind {
 /// An image manifest for one platform and its SOCI index.
 #[derive(Clone, Debug)]
 pub struct Discovered {
-    pub image_manifest_digest: String,
+    pub image_manifest_digest: Digest,
     pub image_manifest: Manifest,
-    pub index_digest: String,
+    pub index_digest: Digest,
     pub index: Manifest,
     pub kind: IndexKind,
 }
@@ -59,7 +60,8 @@ impl Discovered {
                         .get(ANN_TABLE_LAYER_DIGEST)
                         .map(String::as_str)
                         == Some(layer_digest)
-                    && d.annotations.get(ANN_TABLE_ZTOC_DIGEST) == Some(&ztoc.digest)
+                    && d.annotations.get(ANN_TABLE_ZTOC_DIGEST).map(String::as_str)
+                        == Some(ztoc.digest.as_str())
             })
         };
         Some((find(MT_ZTOC_TABLE)?, find(MT_ZTOC_WINDOWS)))
@@ -79,7 +81,7 @@ pub async fn resolve_image(
     fetchers: &FetcherChain,
     r: &Reference,
     platform: &Platform,
-) -> Result<(Bytes, String, Manifest), IndexError> {
+) -> Result<(Bytes, Digest, Manifest), IndexError> {
     let m = fetchers.manifest(r, MANIFEST_TYPES).await?;
     let (data, digest) = (m.data, m.digest);
     let media_type = super::declared_media_type(&data, &m.media_type);
@@ -150,7 +152,7 @@ async fn fetch_manifest_bytes(
     fetchers: &FetcherChain,
     store: Option<&ArtifactStore>,
     r: &Reference,
-    digest: &str,
+    digest: &Digest,
 ) -> Result<Bytes, IndexError> {
     if let Some(s) = store {
         if let Some(b) = s.get(digest)? {
@@ -176,7 +178,7 @@ pub async fn discover(
     platform: &Platform,
 ) -> Result<Option<Discovered>, IndexError> {
     let (_, image_digest, image) = resolve_image(fetchers, r, platform).await?;
-    let found = |index_digest: String, index: Manifest, kind| {
+    let found = |index_digest: Digest, index: Manifest, kind| {
         // A record of an index built here stays as it is.
         if let Some(s) = store.filter(|s| matches!(s.index_record(&index_digest), Ok(None))) {
             let rec = IndexRecord {
@@ -202,6 +204,10 @@ pub async fn discover(
     };
 
     if let Some(d) = image.annotations.get(ANN_INDEX_DIGEST) {
+        let d = Digest::parse(d).map_err(|e| {
+            IndexError::Manifest(format!("{r}: annotation {ANN_INDEX_DIGEST}: {e}"))
+        })?;
+        let d = &d;
         let data = fetch_manifest_bytes(fetchers, store, r, d).await?;
         let index = validate_index(&data, d, IndexKind::V2, &image_digest, &image)?;
         return Ok(found(d.clone(), index, IndexKind::V2));

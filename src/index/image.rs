@@ -10,6 +10,7 @@ use futures::StreamExt;
 use serde_json::Value;
 
 use super::{declared_media_type, sha256_digest, IndexError, MANIFEST_TYPES, MT_OCI_INDEX};
+use crate::digest::Digest;
 use crate::fetch::registry::RegistryClient;
 use crate::fetch::{BlobLocator, FetchError};
 use crate::reference::Reference;
@@ -105,12 +106,8 @@ impl Endpoint {
         Endpoint { image, client }
     }
 
-    fn blob_path(dir: &Path, digest: &str) -> Result<PathBuf, IndexError> {
-        let hex = digest
-            .strip_prefix("sha256:")
-            .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-            .ok_or_else(|| IndexError::Manifest(format!("bad digest {digest:?}")))?;
-        Ok(dir.join("blobs/sha256").join(hex))
+    fn blob_path(dir: &Path, digest: &Digest) -> PathBuf {
+        dir.join("blobs/sha256").join(digest.hex())
     }
 
     fn layout_index(dir: &Path) -> Result<Value, IndexError> {
@@ -124,8 +121,8 @@ impl Endpoint {
     /// media type and digest; content is checked against a requested digest.
     pub async fn manifest(
         &self,
-        digest: Option<&str>,
-    ) -> Result<(Bytes, String, String), IndexError> {
+        digest: Option<&Digest>,
+    ) -> Result<(Bytes, String, Digest), IndexError> {
         match &self.image {
             ImageRef::Registry(r) => {
                 let target = match digest {
@@ -136,7 +133,7 @@ impl Endpoint {
             }
             ImageRef::Layout { dir, tag } => {
                 let (digest, served, size) = match digest {
-                    Some(d) => (d.to_string(), String::new(), None),
+                    Some(d) => (d.clone(), String::new(), None),
                     None => {
                         let idx = Self::layout_index(dir)?;
                         let entries = idx["manifests"].as_array().cloned().unwrap_or_default();
@@ -155,14 +152,16 @@ impl Endpoint {
                                 self.image
                             ))
                         })?;
+                        let digest = Digest::parse(m["digest"].as_str().unwrap_or_default())
+                            .map_err(|e| IndexError::Manifest(format!("{}: {e}", self.image)))?;
                         (
-                            m["digest"].as_str().unwrap_or_default().to_string(),
+                            digest,
                             m["mediaType"].as_str().unwrap_or_default().to_string(),
                             m["size"].as_u64(),
                         )
                     }
                 };
-                let p = Self::blob_path(dir, &digest)?;
+                let p = Self::blob_path(dir, &digest);
                 let data = Bytes::from(read_document(&p)?);
                 if sha256_digest(&data) != digest {
                     return Err(IndexError::Manifest(format!(
@@ -186,7 +185,7 @@ impl Endpoint {
     /// A blob as a stream of chunks.
     pub async fn blob_stream(
         &self,
-        digest: &str,
+        digest: &Digest,
     ) -> Result<BoxStream<'static, Result<Bytes, FetchError>>, IndexError> {
         match &self.image {
             ImageRef::Registry(r) => {
@@ -200,7 +199,7 @@ impl Endpoint {
                     .boxed())
             }
             ImageRef::Layout { dir, .. } => {
-                let p = Self::blob_path(dir, digest)?;
+                let p = Self::blob_path(dir, digest);
                 let file = std::fs::File::open(&p).map_err(|e| io(e, &p))?;
                 Ok(futures::stream::unfold(Some(file), |file| async move {
                     let mut file = file?;
@@ -228,10 +227,10 @@ impl Endpoint {
         }
     }
 
-    pub async fn has_blob(&self, digest: &str) -> Result<bool, IndexError> {
+    pub async fn has_blob(&self, digest: &Digest) -> Result<bool, IndexError> {
         match &self.image {
             ImageRef::Registry(r) => Ok(self.client.blob_exists(r, digest).await?),
-            ImageRef::Layout { dir, .. } => Ok(Self::blob_path(dir, digest)?.exists()),
+            ImageRef::Layout { dir, .. } => Ok(Self::blob_path(dir, digest).exists()),
         }
     }
 
@@ -245,9 +244,9 @@ impl Endpoint {
         Ok(())
     }
 
-    fn write_layout_blob(dir: &Path, digest: &str, data: &[u8]) -> Result<(), IndexError> {
+    fn write_layout_blob(dir: &Path, digest: &Digest, data: &[u8]) -> Result<(), IndexError> {
         Self::ensure_layout(dir)?;
-        let p = Self::blob_path(dir, digest)?;
+        let p = Self::blob_path(dir, digest);
         if p.exists() {
             return Ok(());
         }
@@ -256,7 +255,7 @@ impl Endpoint {
         std::fs::rename(&tmp, &p).map_err(|e| io(e, &p))
     }
 
-    pub async fn put_blob(&self, digest: &str, data: Bytes) -> Result<(), IndexError> {
+    pub async fn put_blob(&self, digest: &Digest, data: Bytes) -> Result<(), IndexError> {
         match &self.image {
             ImageRef::Registry(r) => Ok(self.client.push_blob(r, digest, data).await?),
             ImageRef::Layout { dir, .. } => Self::write_layout_blob(dir, digest, &data),
@@ -265,7 +264,11 @@ impl Endpoint {
 
     /// Makes a blob of `src` present here: already there, mounted within a registry, or copied
     /// as a stream (checked against its digest).
-    pub async fn copy_blob_from(&self, src: &Endpoint, digest: &str) -> Result<Copied, IndexError> {
+    pub async fn copy_blob_from(
+        &self,
+        src: &Endpoint,
+        digest: &Digest,
+    ) -> Result<Copied, IndexError> {
         if self.has_blob(digest).await? {
             return Ok(Copied::AlreadyThere);
         }
@@ -282,7 +285,7 @@ impl Endpoint {
     /// Stores a blob from a stream of chunks, checked against its digest.
     pub async fn put_blob_stream(
         &self,
-        digest: &str,
+        digest: &Digest,
         stream: BoxStream<'static, Result<Bytes, FetchError>>,
     ) -> Result<(), IndexError> {
         match &self.image {
@@ -290,7 +293,7 @@ impl Endpoint {
             ImageRef::Registry(d) => Ok(self.client.push_blob_stream(d, digest, stream).await?),
             ImageRef::Layout { dir, .. } => {
                 Self::ensure_layout(dir)?;
-                let p = Self::blob_path(dir, digest)?;
+                let p = Self::blob_path(dir, digest);
                 let tmp = temp_path(&p);
                 let mut f = std::fs::File::create(&tmp).map_err(|e| io(e, &tmp))?;
                 let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
@@ -306,8 +309,8 @@ impl Endpoint {
                     sha2::Digest::update(&mut hasher, &c);
                     std::io::Write::write_all(&mut f, &c).map_err(|e| io(e, &tmp))?;
                 }
-                let got = format!("sha256:{}", hex::encode(sha2::Digest::finalize(hasher)));
-                if got != digest {
+                let got = Digest::from_sha256(sha2::Digest::finalize(hasher).into());
+                if got != *digest {
                     let _ = std::fs::remove_file(&tmp);
                     return Err(IndexError::Other(format!(
                         "blob {digest} arrived with digest {got}"
@@ -324,7 +327,7 @@ impl Endpoint {
         data: Bytes,
         media_type: &str,
         tag: Option<&str>,
-    ) -> Result<String, IndexError> {
+    ) -> Result<Digest, IndexError> {
         let digest = sha256_digest(&data);
         match &self.image {
             ImageRef::Registry(r) => {

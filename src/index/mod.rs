@@ -8,6 +8,7 @@ pub mod store;
 
 use std::collections::BTreeMap;
 
+use crate::digest::Digest;
 use serde::{Deserialize, Serialize};
 
 pub use discover::{discover, Discovered};
@@ -50,6 +51,11 @@ pub const ANN_STARGZ_TOC: &str = "containerd.io/snapshot/stargz/toc.digest";
 pub const EMPTY_JSON: &[u8] = b"{}";
 pub const EMPTY_JSON_DIGEST: &str =
     "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a";
+
+/// [`EMPTY_JSON_DIGEST`] as a [`Digest`].
+pub fn empty_json_digest() -> Digest {
+    Digest::of(EMPTY_JSON)
+}
 
 /// Accept header values for manifests of any kind.
 pub const MANIFEST_TYPES: &[&str] = &[
@@ -147,7 +153,7 @@ impl std::fmt::Display for Platform {
 #[serde(rename_all = "camelCase")]
 pub struct Descriptor {
     pub media_type: String,
-    pub digest: String,
+    pub digest: Digest,
     pub size: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub artifact_type: Option<String>,
@@ -161,7 +167,7 @@ pub struct Descriptor {
 }
 
 impl Descriptor {
-    pub fn new(media_type: &str, digest: impl Into<String>, size: u64) -> Self {
+    pub fn new(media_type: &str, digest: impl Into<Digest>, size: u64) -> Self {
         Descriptor {
             media_type: media_type.into(),
             digest: digest.into(),
@@ -204,9 +210,8 @@ pub struct Index {
     pub annotations: BTreeMap<String, String>,
 }
 
-pub fn sha256_digest(data: &[u8]) -> String {
-    use sha2::Digest;
-    format!("sha256:{}", hex::encode(sha2::Sha256::digest(data)))
+pub fn sha256_digest(data: &[u8]) -> Digest {
+    Digest::of(data)
 }
 
 /// Whether a manifest media type is an index/list.

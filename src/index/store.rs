@@ -6,18 +6,19 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::sha256_digest;
+use crate::digest::Digest;
 
 /// What is known about one stored SOCI index.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IndexRecord {
     /// Digest of the SOCI index manifest.
-    pub digest: String,
+    pub digest: Digest,
     /// `v1` (found through referrers) or `v2` (annotation on the image manifest).
     pub kind: String,
     /// The image reference it was made or found for.
     pub image: String,
     /// The image manifest it indexes.
-    pub image_manifest: String,
+    pub image_manifest: Digest,
     pub platform: String,
     pub ztocs: usize,
     /// `built` here or `fetched` from a registry.
@@ -28,18 +29,6 @@ pub struct IndexRecord {
 #[derive(Clone, Debug)]
 pub struct ArtifactStore {
     root: PathBuf,
-}
-
-fn hex_of(digest: &str) -> std::io::Result<&str> {
-    digest
-        .strip_prefix("sha256:")
-        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-        .ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("bad digest {digest:?}"),
-            )
-        })
 }
 
 fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
@@ -60,14 +49,14 @@ impl ArtifactStore {
         &self.root
     }
 
-    pub fn blob_path(&self, digest: &str) -> std::io::Result<PathBuf> {
-        Ok(self.root.join("blobs/sha256").join(hex_of(digest)?))
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.root.join("blobs/sha256").join(digest.hex())
     }
 
     /// Stores bytes; returns their digest.
-    pub fn put(&self, data: &[u8]) -> std::io::Result<String> {
+    pub fn put(&self, data: &[u8]) -> std::io::Result<Digest> {
         let digest = sha256_digest(data);
-        let p = self.blob_path(&digest)?;
+        let p = self.blob_path(&digest);
         if !p.exists() {
             write_atomic(&p, data)?;
         }
@@ -75,10 +64,10 @@ impl ArtifactStore {
     }
 
     /// Bytes by digest, checked; a corrupt entry is removed and reported missing.
-    pub fn get(&self, digest: &str) -> std::io::Result<Option<Vec<u8>>> {
-        let p = self.blob_path(digest)?;
+    pub fn get(&self, digest: &Digest) -> std::io::Result<Option<Vec<u8>>> {
+        let p = self.blob_path(digest);
         match std::fs::read(&p) {
-            Ok(data) if sha256_digest(&data) == digest => Ok(Some(data)),
+            Ok(data) if sha256_digest(&data) == *digest => Ok(Some(data)),
             Ok(_) => {
                 tracing::warn!("removing corrupt artifact {}", p.display());
                 let _ = std::fs::remove_file(&p);
@@ -93,15 +82,15 @@ impl ArtifactStore {
         let p = self
             .root
             .join("indexes")
-            .join(format!("{}.json", hex_of(&rec.digest)?));
+            .join(format!("{}.json", rec.digest.hex()));
         write_atomic(&p, &serde_json::to_vec_pretty(rec).expect("json"))
     }
 
-    pub fn index_record(&self, digest: &str) -> std::io::Result<Option<IndexRecord>> {
+    pub fn index_record(&self, digest: &Digest) -> std::io::Result<Option<IndexRecord>> {
         let p = self
             .root
             .join("indexes")
-            .join(format!("{}.json", hex_of(digest)?));
+            .join(format!("{}.json", digest.hex()));
         match std::fs::read(&p) {
             Ok(b) => Ok(serde_json::from_slice(&b).ok()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),

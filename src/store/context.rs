@@ -12,6 +12,7 @@ use tokio::sync::OnceCell;
 
 use super::layers::Layer;
 use super::tree::LayerTree;
+use crate::digest::Digest;
 use crate::fetch::BlobLocator;
 use crate::index::discover::{self, fetch_table, fetch_ztoc, Discovered};
 use crate::index::{ArtifactStore, Descriptor, IndexError, Platform, MT_ZTOC, MT_ZTOC_TABLE};
@@ -72,11 +73,11 @@ pub struct StoreContext {
     images: Memo<String, Arc<ImageInfo>>,
     /// Served layers by (reference, compressed layer digest): one resolution per layer whichever
     /// digest podman asks by.
-    layers: Memo<(String, String), Option<Arc<Layer>>>,
+    layers: Memo<(String, Digest), Option<Arc<Layer>>>,
     /// (reference, digest podman asked for) → compressed layer digest.
-    aliases: Mutex<HashMap<(String, String), String>>,
+    aliases: Mutex<HashMap<(String, String), Digest>>,
     /// zTOCs by digest: fetched once however many layers or references share one.
-    ztocs: Memo<String, Arc<Ztoc>>,
+    ztocs: Memo<Digest, Arc<Ztoc>>,
     /// Resolutions under way (the background fetcher waits for them: they are the start's).
     pub(super) resolving: std::sync::atomic::AtomicUsize,
     /// When a resolution last finished (ms since the Unix epoch).
@@ -241,7 +242,7 @@ impl StoreContext {
         .clone()
     }
 
-    fn lock_aliases(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), String>> {
+    fn lock_aliases(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Digest>> {
         self.aliases.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -260,7 +261,7 @@ impl StoreContext {
                 let z = z.map(Arc::new).map_err(|e| Arc::new(LookupError::from(e)));
                 let event = crate::trace::Event {
                     ev: "artifact".into(),
-                    what: desc.digest.clone(),
+                    what: desc.digest.to_string(),
                     bytes: desc.size,
                     outcome: if z.is_ok() { "" } else { "error" }.into(),
                     ..Default::default()
@@ -394,7 +395,11 @@ impl StoreContext {
         })?;
         // Podman asks one layer at a time under a lock: resolve the others meanwhile.
         for other in layers.iter().filter(|l| l.digest != layer_desc.digest) {
-            let (ctx, r, d) = (self.clone(), reference.to_string(), other.digest.clone());
+            let (ctx, r, d) = (
+                self.clone(),
+                reference.to_string(),
+                other.digest.to_string(),
+            );
             self.runtime.spawn(ctx.layer_boxed(r, d));
         }
         // The table when the index has one (a fraction of the zTOC; windows come per span).
@@ -461,7 +466,7 @@ impl Drop for Busy<'_> {
 
 impl ImageInfo {
     /// Compressed digests of the image's layers, in order (empty without a SOCI index).
-    pub fn layer_digests(&self) -> Vec<String> {
+    pub fn layer_digests(&self) -> Vec<Digest> {
         self.discovered
             .iter()
             .flat_map(|d| d.image_manifest.layers.iter().map(|l| l.digest.clone()))

@@ -158,7 +158,7 @@ impl Filesystem for StoreFs {
                 let Some(digest) = name.to_str() else {
                     return Self::negative(reply);
                 };
-                if !crate::reference::is_digest(digest) {
+                if crate::digest::Digest::parse(digest).is_err() {
                     return Self::negative(reply);
                 }
                 match self.resolve(&reference, digest) {

@@ -2,6 +2,7 @@
 //! hears of it, so that a restarted daemon taking over the FUSE connection answers the kernel's
 //! numbers exactly as its predecessor did. One JSON record per line.
 
+use crate::digest::Digest;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -37,16 +38,16 @@ pub struct LayerRecord {
     pub ino: u64,
     pub nodes: u64,
     pub reference: String,
-    pub blob: String,
+    pub blob: Digest,
     pub blob_size: u64,
-    pub ztoc: String,
+    pub ztoc: Digest,
     pub ztoc_size: u64,
     /// The zTOC table the layer was served from (digest, size), when it had one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub table: Option<(String, u64)>,
+    pub table: Option<(Digest, u64)>,
     /// The windows blob of that table.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub windows: Option<String>,
+    pub windows: Option<Digest>,
     /// The `info` file, verbatim.
     pub info: String,
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use super::context::StoreContext;
 use super::tree::LayerTree;
+use crate::digest::Digest;
 use crate::fetch::BlobLocator;
 use crate::index::Descriptor;
 use crate::reference::Reference;
@@ -16,11 +17,11 @@ use crate::ztoc::{Compression, LayerReader, Ztoc};
 pub struct Layer {
     pub reference: Reference,
     pub blob: BlobLocator,
-    pub ztoc_digest: String,
+    pub ztoc_digest: Digest,
     /// The encoded zTOC's size (with its digest, enough to fetch it again).
     pub ztoc_size: u64,
     /// The zTOC table served from instead of the zTOC (digest, size), when the index has one.
-    pub table: Option<(String, u64)>,
+    pub table: Option<(Digest, u64)>,
     pub ztoc: Arc<Ztoc>,
     pub tree: LayerTree,
     /// The `info` file.

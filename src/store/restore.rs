@@ -46,9 +46,9 @@ impl StoreFs {
                             layers.insert(rec.ino, layer);
                         }
                         Ok(Err(e)) => {
-                            tracing::error!(blob = rec.blob, "cannot restore: {}", Chain(&*e))
+                            tracing::error!(blob = %rec.blob, "cannot restore: {}", Chain(&*e))
                         }
-                        Err(_) => tracing::error!(blob = rec.blob, "restoring timed out"),
+                        Err(_) => tracing::error!(blob = %rec.blob, "restoring timed out"),
                     }
                 }
                 Record::LayerDir { parent, name, ino } => {

@@ -587,8 +587,7 @@ impl Ztoc {
     }
 
     /// sha256 of the serialized zTOC, as index manifests name it.
-    pub fn digest_of(bytes: &[u8]) -> String {
-        use sha2::Digest;
-        format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
+    pub fn digest_of(bytes: &[u8]) -> crate::digest::Digest {
+        crate::digest::Digest::of(bytes)
     }
 }

@@ -383,3 +383,10 @@ pub fn soci_test_image() -> Vec<(Vec<u8>, Vec<u8>)> {
         .collect()
 }
 pub mod podman;
+
+/// A digest string a test made (from [`servers::sha256_digest`] or a registry) as the library's
+/// [`soci_store::digest::Digest`].
+#[allow(dead_code)]
+pub fn digest(s: &str) -> soci_store::digest::Digest {
+    soci_store::digest::Digest::parse(s).unwrap()
+}

@@ -62,7 +62,7 @@ impl HttpMirror {
     }
 
     fn url(&self, blob: &BlobLocator) -> Result<String, FetchError> {
-        Ok(format!("{}/blobs/sha256/{}", self.base, blob.hex()?))
+        Ok(format!("{}/blobs/sha256/{}", self.base, blob.hex()))
     }
 
     async fn get(

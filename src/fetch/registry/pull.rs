@@ -5,10 +5,10 @@ use std::ops::Range;
 use bytes::Bytes;
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, RANGE};
 use reqwest::{Method, Response, StatusCode};
-use sha2::{Digest, Sha256};
 
 use super::http::{content_range_start, content_range_total, read_body};
 use super::{RegistryClient, MAX_MANIFEST_BYTES};
+use crate::digest::Digest;
 use crate::fetch::{BlobLocator, FetchError};
 use crate::reference::Reference;
 
@@ -22,7 +22,6 @@ impl RegistryClient {
         blob: &BlobLocator,
         range: Range<u64>,
     ) -> Result<Bytes, FetchError> {
-        blob.hex()?;
         if range.start >= range.end {
             return Ok(Bytes::new());
         }
@@ -68,7 +67,6 @@ impl RegistryClient {
 
     /// The size of a blob (a one-byte ranged GET, which works through redirects too).
     pub async fn blob_size(&self, blob: &BlobLocator) -> Result<u64, FetchError> {
-        blob.hex()?;
         let mut retry = self.new_retry();
         let mut headers = HeaderMap::new();
         headers.insert(RANGE, HeaderValue::from_static("bytes=0-0"));
@@ -98,7 +96,7 @@ impl RegistryClient {
         &self,
         r: &Reference,
         accept: &[&str],
-    ) -> Result<(Bytes, String, String), FetchError> {
+    ) -> Result<(Bytes, String, Digest), FetchError> {
         let mut retry = self.new_retry();
         let mut headers = HeaderMap::new();
         headers.insert(
@@ -128,7 +126,7 @@ impl RegistryClient {
                     )))
                 }
                 Ok(data) => {
-                    let digest = format!("sha256:{}", hex::encode(Sha256::digest(&data)));
+                    let digest = Digest::of(&data);
                     if let Some(want) = &r.digest {
                         if *want != digest {
                             return Err(FetchError::Integrity(format!(
@@ -145,7 +143,6 @@ impl RegistryClient {
 
     /// Streams a whole blob: the response, for callers that copy it elsewhere.
     pub async fn blob_stream(&self, blob: &BlobLocator) -> Result<Response, FetchError> {
-        blob.hex()?;
         let mut retry = self.new_retry();
         self.send(
             Method::GET,

@@ -1,9 +1,9 @@
 //! Writing to a registry: blob uploads and mounts, manifests; and the referrers API.
 
+use crate::digest::Digest;
 use bytes::{Bytes, BytesMut};
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_RANGE, LOCATION};
 use reqwest::{Method, Response, StatusCode};
-use sha2::{Digest, Sha256};
 
 use super::http::read_body;
 use super::{RegistryClient, MAX_MANIFEST_BYTES};
@@ -156,8 +156,8 @@ impl RegistryClient {
         tag_or_digest: &str,
         media_type: &str,
         data: Bytes,
-    ) -> Result<String, FetchError> {
-        let digest = format!("sha256:{}", hex::encode(Sha256::digest(&data)));
+    ) -> Result<Digest, FetchError> {
+        let digest = Digest::of(&data);
         let mut retry = self.new_retry();
         let mut headers = HeaderMap::new();
         headers.insert(
