@@ -29,7 +29,7 @@ pub mod reference;
 pub mod report;
 pub mod spans;
 #[cfg(feature = "daemon")]
-pub mod store;
+pub(crate) mod store;
 mod sys;
 pub mod trace;
 pub mod ztoc;

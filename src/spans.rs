@@ -23,7 +23,7 @@ type Flight = Arc<OnceCell<Result<Bytes, Arc<FetchError>>>>;
 
 /// Counters of the span stack (read by the metrics endpoint).
 #[derive(Debug, Default)]
-pub struct SpanStats {
+pub(crate) struct SpanStats {
     pub cache_hits: AtomicU64,
     pub cache_misses: AtomicU64,
     pub spans_fetched: AtomicU64,
@@ -38,7 +38,7 @@ pub struct SpanStats {
 }
 
 /// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -50,7 +50,7 @@ pub struct SpanStore {
     fetchers: FetcherChain,
     cache: Arc<dyn SpanCache>,
     inflight: Mutex<HashMap<SpanKey, Flight>>,
-    pub stats: SpanStats,
+    pub(crate) stats: SpanStats,
     trace: crate::trace::Tracer,
 }
 

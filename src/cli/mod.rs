@@ -18,7 +18,7 @@ use crate::config::Config;
 /// Lazily serve SOCI-indexed container images to podman.
 #[derive(Parser, Debug)]
 #[command(name = "soci-store", version, about)]
-pub struct Cli {
+pub(crate) struct Cli {
     /// Configuration file (default: /etc/soci-store/config.toml when it exists).
     #[arg(long, global = true)]
     config: Option<PathBuf>,
@@ -67,7 +67,7 @@ enum ConfigCommand {
 }
 
 /// What a command needs from the environment: the configuration and the known backends.
-pub struct CliContext {
+pub(crate) struct CliContext {
     pub config_path: Option<PathBuf>,
     pub backends: BackendRegistry,
 }
@@ -88,7 +88,7 @@ impl CliContext {
 
 impl Cli {
     /// Runs the parsed command with the given backends.
-    pub fn run_with(self, backends: BackendRegistry) -> anyhow::Result<()> {
+    pub(crate) fn run_with(self, backends: BackendRegistry) -> anyhow::Result<()> {
         let ctx = CliContext {
             config_path: self.config,
             backends,
@@ -111,11 +111,6 @@ impl Cli {
             Command::Serve(args) => args.run(&ctx),
             Command::HoldFuse { socket } => crate::store::handoff::hold(&socket),
         }
-    }
-
-    /// Runs the parsed command with the built-in backends.
-    pub fn run(self) -> anyhow::Result<()> {
-        self.run_with(BackendRegistry::with_builtins())
     }
 }
 
@@ -219,7 +214,7 @@ impl<S> tracing_subscriber::layer::Filter<S> for QuietFuseReplies {
     }
 }
 
-pub use crate::config::parse_size;
+pub(crate) use crate::config::parse_size;
 
 /// Writes `text` to stdout; a reader that went away (EPIPE, as with `| head`) is a normal end.
 pub(crate) fn print_out(text: &str) -> anyhow::Result<()> {

@@ -58,14 +58,14 @@ impl std::fmt::Display for ImageRef {
 
 /// An image location with the client to reach it.
 #[derive(Clone, Debug)]
-pub struct Endpoint {
+pub(crate) struct Endpoint {
     pub image: ImageRef,
     pub client: Arc<RegistryClient>,
 }
 
 /// How a blob reached the destination.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Copied {
+pub(crate) enum Copied {
     AlreadyThere,
     Mounted,
     Uploaded,

@@ -1,8 +1,11 @@
 //! SOCI indexes: the manifests that tie zTOCs to an image's layers (formats.md §2), making them
 //! (`convert`: v2, `create`: v1) and finding them for any image reference.
 
-pub mod convert;
+// Making and pushing indexes is the command line's job (`convert`, `create`).
+#[cfg(feature = "daemon")]
+pub(crate) mod convert;
 pub mod discover;
+#[cfg(feature = "daemon")]
 pub mod image;
 pub mod store;
 

@@ -113,16 +113,6 @@ impl StoreStats {
     }
 }
 
-/// Serves `GET /metrics` (any path) on `address` until the runtime stops.
-pub async fn serve_metrics(
-    address: String,
-    stats: Arc<StoreStats>,
-    spans: Arc<SpanStore>,
-) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(&address).await?;
-    serve_metrics_on(listener, stats, spans).await
-}
-
 /// Serves `GET /metrics` (any path) on a bound listener until the runtime stops.
 pub async fn serve_metrics_on(
     listener: tokio::net::TcpListener,

@@ -23,11 +23,10 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use fuser::{Config as FuseConfig, MountOption, SessionACL};
 
-pub use context::{LookupError, StoreContext};
+pub use context::StoreContext;
 pub use fs::StoreFs;
 use handoff::StatePaths;
 use journal::{Journal, Record};
-pub use layers::Layer;
 
 /// Makes `mountpoint` ready for a fresh mount: a soci-store mount still there (a daemon that died
 /// without a holder, or whose holder was let go) is detached without touching it — touching a mount

@@ -1,10 +1,11 @@
 //! The OCI distribution API over HTTP(S). `http`: the engine every request goes through (auth:
 //! anonymous, Basic, Bearer tokens; redirects remembered per blob; retries with backoff inside a
-//! deadline); `pull`: blobs and manifests; `push`: uploads, mounts, manifests and the referrers
-//! API; here: the options and the `registry` fetcher built on them.
+//! deadline); `pull`: blobs, manifests and referrers; `push`: uploads, mounts and
+//! manifests; here: the options and the `registry` fetcher built on them.
 
 mod http;
 mod pull;
+#[cfg(feature = "daemon")]
 mod push;
 
 pub use http::RegistryClient;

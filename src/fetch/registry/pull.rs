@@ -1,4 +1,4 @@
-//! Reading from a registry: blob ranges and sizes, manifests, whole-blob streams.
+//! Reading from a registry: blob ranges and sizes, manifests, whole-blob streams, referrers.
 
 use std::ops::Range;
 
@@ -12,7 +12,7 @@ use crate::digest::Digest;
 use crate::fetch::{BlobLocator, FetchError};
 use crate::reference::Reference;
 
-/// Pulling: blobs and manifests.
+/// Pulling: blobs, manifests and referrers.
 impl RegistryClient {
     /// Bytes `range` of a blob. A registry that ignores Range (200) is streamed and cut, never
     /// buffered whole. Content is not verified here: spans are checked against their digests by
@@ -153,5 +153,45 @@ impl RegistryClient {
             &mut retry,
         )
         .await
+    }
+
+    /// The referrers of a manifest (an OCI image index), or None when the registry has no
+    /// referrers API.
+    pub async fn referrers(
+        &self,
+        r: &Reference,
+        digest: &str,
+        artifact_type: &str,
+    ) -> Result<Option<Bytes>, FetchError> {
+        let mut retry = self.new_retry();
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            ACCEPT,
+            HeaderValue::from_static("application/vnd.oci.image.index.v1+json"),
+        );
+        let path = format!("referrers/{digest}?artifactType={artifact_type}");
+        match self
+            .send(Method::GET, r, &path, headers, None, &mut retry)
+            .await
+        {
+            Ok(resp) => {
+                let is_index = resp
+                    .headers()
+                    .get(reqwest::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|t| t.starts_with("application/vnd.oci.image.index.v1+json"));
+                if !is_index {
+                    return Ok(None);
+                }
+                Ok(Some(
+                    read_body(resp, 0, MAX_MANIFEST_BYTES as u64, false).await?,
+                ))
+            }
+            Err(FetchError::NotFound(_)) => Ok(None),
+            Err(FetchError::Http {
+                status: 400 | 405, ..
+            }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 }

@@ -1,19 +1,22 @@
-//! Writing to a registry: blob uploads and mounts, manifests; and the referrers API.
+//! Writing to a registry: blob uploads and mounts, manifests (what `convert` and `create` do).
 
-use crate::digest::Digest;
 use bytes::{Bytes, BytesMut};
-use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_RANGE, LOCATION};
+use reqwest::header::{HeaderMap, HeaderValue, CONTENT_RANGE, LOCATION};
 use reqwest::{Method, Response, StatusCode};
 
-use super::http::read_body;
-use super::{RegistryClient, MAX_MANIFEST_BYTES};
+use super::RegistryClient;
+use crate::digest::Digest;
 use crate::fetch::FetchError;
 use crate::reference::Reference;
 
-/// Pushing: blobs, cross-repository mounts, manifests, and the referrers API.
+/// Pushing: blobs, cross-repository mounts, manifests.
 impl RegistryClient {
     /// Whether the repository has the blob.
-    pub async fn blob_exists(&self, r: &Reference, digest: &str) -> Result<bool, FetchError> {
+    pub(crate) async fn blob_exists(
+        &self,
+        r: &Reference,
+        digest: &str,
+    ) -> Result<bool, FetchError> {
         let mut retry = self.new_retry();
         let path = format!("blobs/{digest}");
         match self
@@ -28,7 +31,7 @@ impl RegistryClient {
 
     /// Mounts a blob from another repository of the same registry; false when the registry
     /// declined (the caller then uploads).
-    pub async fn mount_blob(
+    pub(crate) async fn mount_blob(
         &self,
         r: &Reference,
         digest: &str,
@@ -51,7 +54,7 @@ impl RegistryClient {
     }
 
     /// Uploads a blob held in memory (skipped when the repository has it).
-    pub async fn push_blob(
+    pub(crate) async fn push_blob(
         &self,
         r: &Reference,
         digest: &str,
@@ -67,7 +70,7 @@ impl RegistryClient {
 
     /// Uploads a blob from a stream of chunks (OCI chunked upload: PATCH per ~8 MiB, then PUT
     /// with the digest), so large layers are never held in memory whole.
-    pub async fn push_blob_stream(
+    pub(crate) async fn push_blob_stream(
         &self,
         r: &Reference,
         digest: &str,
@@ -150,7 +153,7 @@ impl RegistryClient {
     }
 
     /// Puts a manifest under a tag or its digest; returns its digest.
-    pub async fn put_manifest(
+    pub(crate) async fn put_manifest(
         &self,
         r: &Reference,
         tag_or_digest: &str,
@@ -175,45 +178,5 @@ impl RegistryClient {
         )
         .await?;
         Ok(digest)
-    }
-
-    /// The referrers of a manifest (an OCI image index), or None when the registry has no
-    /// referrers API.
-    pub async fn referrers(
-        &self,
-        r: &Reference,
-        digest: &str,
-        artifact_type: &str,
-    ) -> Result<Option<Bytes>, FetchError> {
-        let mut retry = self.new_retry();
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            ACCEPT,
-            HeaderValue::from_static("application/vnd.oci.image.index.v1+json"),
-        );
-        let path = format!("referrers/{digest}?artifactType={artifact_type}");
-        match self
-            .send(Method::GET, r, &path, headers, None, &mut retry)
-            .await
-        {
-            Ok(resp) => {
-                let is_index = resp
-                    .headers()
-                    .get(reqwest::header::CONTENT_TYPE)
-                    .and_then(|v| v.to_str().ok())
-                    .is_some_and(|t| t.starts_with("application/vnd.oci.image.index.v1+json"));
-                if !is_index {
-                    return Ok(None);
-                }
-                Ok(Some(
-                    read_body(resp, 0, MAX_MANIFEST_BYTES as u64, false).await?,
-                ))
-            }
-            Err(FetchError::NotFound(_)) => Ok(None),
-            Err(FetchError::Http {
-                status: 400 | 405, ..
-            }) => Ok(None),
-            Err(e) => Err(e),
-        }
     }
 }
