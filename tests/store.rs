@@ -326,15 +326,27 @@ async fn mirror_only_store_starts_lazily_without_the_registry() {
     );
     assert!(said.contains("1 tags recorded"), "{said}");
 
+    // The example of docs/configuration.md, pointed at this test's S3 server.
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/configuration.md"
+    ))
+    .unwrap();
+    let example = doc
+        .split("<!-- mirror-only example")
+        .nth(1)
+        .and_then(|rest| rest.split("```toml\n").nth(1))
+        .and_then(|block| block.split("```").next())
+        .expect("the mirror-only example in docs/configuration.md");
+    assert!(example.contains("http://127.0.0.1:9000"), "{example}");
     let a = env.dir.path().display();
     let cfg = env.dir.path().join("mirror-only.toml");
     std::fs::write(
         &cfg,
         format!(
-            "artifacts = \"{a}/mirror-artifacts\"\nstate_dir = \"{a}/mirror-state\"\n\
-             [[fetchers]]\ntype = \"s3\"\nbucket = \"mirror\"\nprefix = \"pre\"\nendpoint = \"{endpoint}\"\n\
-             region = \"us-east-1\"\naccess_key_id = \"testing\"\nsecret_access_key = \"testing\"\n\
-             [cache]\ntype = \"memory\"\nmax_bytes = \"64MiB\"\n"
+            "artifacts = \"{a}/mirror-artifacts\"\nstate_dir = \"{a}/mirror-state\"\n{}\n\
+             [cache]\ntype = \"memory\"\nmax_bytes = \"64MiB\"\n",
+            example.replace("http://127.0.0.1:9000", &endpoint)
         ),
     )
     .unwrap();
