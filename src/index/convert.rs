@@ -556,12 +556,12 @@ async fn platform_manifests(
                 return Err(IndexError::Manifest("image config too large".into()));
             }
         }
-        let cfg: serde_json::Value = serde_json::from_slice(&config)
+        let cfg: super::ImageConfig = serde_json::from_slice(&config)
             .map_err(|e| IndexError::Manifest(format!("image config: {e}")))?;
         let platform = Platform {
-            architecture: cfg["architecture"].as_str().unwrap_or("amd64").into(),
-            os: cfg["os"].as_str().unwrap_or("linux").into(),
-            variant: cfg["variant"].as_str().map(String::from),
+            architecture: cfg.architecture.unwrap_or_else(|| "amd64".into()),
+            os: cfg.os.unwrap_or_else(|| "linux".into()),
+            variant: cfg.variant,
         };
         return Ok((vec![(platform, data, digest)], Vec::new()));
     }

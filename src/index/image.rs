@@ -7,9 +7,11 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::StreamExt;
-use serde_json::Value;
 
-use super::{declared_media_type, sha256_digest, IndexError, MANIFEST_TYPES, MT_OCI_INDEX};
+use super::{
+    declared_media_type, parse_index, sha256_digest, Descriptor, Index, IndexError, MANIFEST_TYPES,
+    MT_OCI_INDEX,
+};
 use crate::digest::Digest;
 use crate::fetch::registry::RegistryClient;
 use crate::fetch::{BlobLocator, FetchError};
@@ -110,11 +112,10 @@ impl Endpoint {
         dir.join("blobs/sha256").join(digest.hex())
     }
 
-    fn layout_index(dir: &Path) -> Result<Value, IndexError> {
+    fn layout_index(dir: &Path) -> Result<Index, IndexError> {
         let p = dir.join("index.json");
         let bytes = read_document(&p)?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| IndexError::Manifest(format!("{}: {e}", p.display())))
+        parse_index(&bytes).map_err(|e| IndexError::Manifest(format!("{}: {e}", p.display())))
     }
 
     /// A manifest by digest, or (with `None`) the one the reference names. Returns bytes,
@@ -136,14 +137,12 @@ impl Endpoint {
                     Some(d) => (d.clone(), String::new(), None),
                     None => {
                         let idx = Self::layout_index(dir)?;
-                        let entries = idx["manifests"].as_array().cloned().unwrap_or_default();
+                        let entries = idx.manifests;
                         let pick = match tag {
-                            Some(t) => entries.iter().find(|m| {
-                                m.pointer(&format!("/annotations/{}", REF_NAME.replace('/', "~1")))
-                                    .and_then(Value::as_str)
-                                    == Some(t)
-                            }),
-                            None if entries.len() == 1 => entries.first(),
+                            Some(t) => entries
+                                .into_iter()
+                                .find(|m| m.annotations.get(REF_NAME) == Some(t)),
+                            None if entries.len() == 1 => entries.into_iter().next(),
                             None => None,
                         };
                         let m = pick.ok_or_else(|| {
@@ -152,13 +151,7 @@ impl Endpoint {
                                 self.image
                             ))
                         })?;
-                        let digest = Digest::parse(m["digest"].as_str().unwrap_or_default())
-                            .map_err(|e| IndexError::Manifest(format!("{}: {e}", self.image)))?;
-                        (
-                            digest,
-                            m["mediaType"].as_str().unwrap_or_default().to_string(),
-                            m["size"].as_u64(),
-                        )
+                        (m.digest, m.media_type, Some(m.size))
                     }
                 };
                 let p = Self::blob_path(dir, &digest);
@@ -338,20 +331,17 @@ impl Endpoint {
             ImageRef::Layout { dir, .. } => {
                 Self::write_layout_blob(dir, &digest, &data)?;
                 if let Some(t) = tag {
-                    let mut idx = Self::layout_index(dir).unwrap_or_else(|_| {
-                        serde_json::json!({"schemaVersion": 2, "mediaType": MT_OCI_INDEX, "manifests": []})
+                    let mut idx = Self::layout_index(dir).unwrap_or_else(|_| Index {
+                        schema_version: 2,
+                        media_type: Some(MT_OCI_INDEX.into()),
+                        manifests: Vec::new(),
+                        annotations: Default::default(),
                     });
-                    let mut entries = idx["manifests"].as_array().cloned().unwrap_or_default();
-                    entries.retain(|m| {
-                        m.pointer("/annotations/org.opencontainers.image.ref.name")
-                            .and_then(Value::as_str)
-                            != Some(t)
-                    });
-                    entries.push(serde_json::json!({
-                        "mediaType": media_type, "digest": digest, "size": data.len(),
-                        "annotations": {REF_NAME: t},
-                    }));
-                    idx["manifests"] = Value::Array(entries);
+                    idx.manifests
+                        .retain(|m| m.annotations.get(REF_NAME).map(String::as_str) != Some(t));
+                    let mut entry = Descriptor::new(media_type, &digest, data.len() as u64);
+                    entry.annotations.insert(REF_NAME.into(), t.to_string());
+                    idx.manifests.push(entry);
                     let p = dir.join("index.json");
                     let tmp = dir.join("index.json.tmp");
                     std::fs::write(&tmp, serde_json::to_vec(&idx).expect("json"))

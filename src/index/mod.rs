@@ -213,6 +213,26 @@ pub struct Index {
     pub annotations: BTreeMap<String, String>,
 }
 
+/// What the store and `convert` read of an image config (fields they do not need are ignored).
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct ImageConfig {
+    #[serde(default)]
+    pub architecture: Option<String>,
+    #[serde(default)]
+    pub os: Option<String>,
+    #[serde(default)]
+    pub variant: Option<String>,
+    #[serde(default)]
+    pub rootfs: RootFs,
+}
+
+/// An image config's `rootfs`.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct RootFs {
+    #[serde(default)]
+    pub diff_ids: Vec<Digest>,
+}
+
 pub fn sha256_digest(data: &[u8]) -> Digest {
     Digest::of(data)
 }

@@ -89,7 +89,7 @@ pub struct StoreContext {
 pub struct ImageInfo {
     pub reference: Reference,
     pub discovered: Option<Discovered>,
-    pub diff_ids: Vec<String>,
+    pub diff_ids: Vec<Digest>,
 }
 
 fn cell<K: std::hash::Hash + Eq + Clone, T>(
@@ -162,19 +162,12 @@ impl StoreContext {
                         .fetchers()
                         .read_blob(&BlobLocator::new(r.clone(), &cfg.digest), cfg.size)
                         .await?;
-                    let v: serde_json::Value =
+                    let cfg: crate::index::ImageConfig =
                         serde_json::from_slice(&bytes).map_err(|source| LookupError::Json {
                             what: format!("{r}: image config"),
                             source,
                         })?;
-                    v.pointer("/rootfs/diff_ids")
-                        .and_then(|d| d.as_array())
-                        .map(|a| {
-                            a.iter()
-                                .filter_map(|x| x.as_str().map(String::from))
-                                .collect()
-                        })
-                        .unwrap_or_default()
+                    cfg.rootfs.diff_ids
                 }
                 None => Vec::new(),
             };
