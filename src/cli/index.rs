@@ -268,7 +268,7 @@ impl CreateArgs {
         let progress = progress(&self.build);
         let report = ctx
             .runtime()?
-            .block_on(convert::create(
+            .block_on(crate::index::create::create(
                 &image,
                 &opts,
                 Some(&store),

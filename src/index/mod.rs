@@ -3,7 +3,11 @@
 
 // Making and pushing indexes is the command line's job (`convert`, `create`).
 #[cfg(feature = "daemon")]
+mod build;
+#[cfg(feature = "daemon")]
 pub(crate) mod convert;
+#[cfg(feature = "daemon")]
+pub(crate) mod create;
 pub mod discover;
 #[cfg(feature = "daemon")]
 pub mod image;

@@ -37,6 +37,11 @@ impl Podman {
             .arg(self.root())
             .arg("--runroot")
             .arg(self.dir.path().join("runroot"))
+            // Its own libpod state too: tests run podman concurrently, and a podman starting
+            // with a fresh graph root resets a shared /run/libpod under another one's feet
+            // ("creating runtime status file: open /run/libpod/alive").
+            .arg("--tmpdir")
+            .arg(self.dir.path().join("tmp"))
             .arg("--storage-driver")
             .arg("overlay");
         for o in &self.storage_opts {
