@@ -352,6 +352,7 @@ C
 cat > "$tmp/serve.toml" <<C
 artifacts = "$tmp/srv/artifacts"
 state_dir = "$tmp/srv/state"
+local_files = "$tmp/srv/files"
 metrics_address = "127.0.0.1:9300"
 [[fetchers]]
 type = "registry"

@@ -83,6 +83,7 @@ in_ns skopeo copy -q --dest-tls-verify=false "oci:$tmp/app:v1" "docker://127.0.0
 in_ns skopeo copy -q --dest-tls-verify=false "oci:$tmp/big:v1" "docker://127.0.0.1:$port/big:v1"
 cat > "$tmp/config.toml" <<C
 artifacts = "$tmp/artifacts"
+local_files = "$tmp/files"
 metrics_address = "127.0.0.1:9300"
 [[fetchers]]
 type = "registry"

@@ -56,6 +56,21 @@ pub struct Config {
     /// socket and the inode journal). A tmpfs is right: none of it outlives a reboot.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
+    /// Where `serve` keeps decompressed copies of files whose bytes are all local: reads of them
+    /// never inflate again, and the kernel reads them directly (FUSE passthrough).
+    #[serde(default = "default_local_files")]
+    pub local_files: PathBuf,
+    /// Bound on the decompressed copies (least recently used files go first); 0 keeps none.
+    #[serde(default = "default_local_files_bytes", deserialize_with = "de_size")]
+    pub local_files_max_bytes: u64,
+}
+
+fn default_local_files() -> PathBuf {
+    PathBuf::from("/var/lib/soci-store/files")
+}
+
+fn default_local_files_bytes() -> u64 {
+    20 << 30
 }
 
 fn default_state_dir() -> PathBuf {
@@ -84,6 +99,8 @@ impl Default for Config {
             artifacts: default_artifacts(),
             metrics_address: None,
             state_dir: default_state_dir(),
+            local_files: default_local_files(),
+            local_files_max_bytes: default_local_files_bytes(),
         }
     }
 }
@@ -126,6 +143,7 @@ impl Config {
         for (key, path) in [
             ("artifacts", &self.artifacts),
             ("state_dir", &self.state_dir),
+            ("local_files", &self.local_files),
         ] {
             if path.as_os_str().is_empty() {
                 return invalid(format!("{key}: must be a directory, not empty"));

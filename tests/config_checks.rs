@@ -126,9 +126,10 @@ fn serve_stops_at_start_when_the_metrics_address_is_taken() {
     std::fs::write(
         &cfg,
         format!(
-            "artifacts = {:?}\nstate_dir = {:?}\nmetrics_address = \"{addr}\"\n[cache]\ntype = \"memory\"\n",
+            "artifacts = {:?}\nstate_dir = {:?}\nlocal_files = {:?}\nmetrics_address = \"{addr}\"\n[cache]\ntype = \"memory\"\n",
             dir.path().join("artifacts"),
             dir.path().join("state"),
+            dir.path().join("files"),
         ),
     )
     .unwrap();

@@ -223,7 +223,7 @@ async fn setup_converted(fetcher_extra: &str, convert_extra: &[&str]) -> Env {
     std::fs::write(
         &cfg,
         format!(
-            "artifacts = \"{a}/artifacts\"\nstate_dir = \"{a}/state\"\n[[fetchers]]\ntype = \"registry\"\ninsecure = [\"{r}\"]\nregistries_conf = \"/nonexistent\"\n{fetcher_extra}\n\
+            "artifacts = \"{a}/artifacts\"\nstate_dir = \"{a}/state\"\nlocal_files = \"{a}/files\"\n[[fetchers]]\ntype = \"registry\"\ninsecure = [\"{r}\"]\nregistries_conf = \"/nonexistent\"\n{fetcher_extra}\n\
              [cache]\ntype = \"tiered\"\nmemory_bytes = \"64MiB\"\npath = \"{a}/cache\"\ndisk_bytes = \"1GiB\"\n",
             a = dir.path().display(),
             r = reg.addr()
@@ -344,7 +344,7 @@ async fn mirror_only_store_starts_lazily_without_the_registry() {
     std::fs::write(
         &cfg,
         format!(
-            "artifacts = \"{a}/mirror-artifacts\"\nstate_dir = \"{a}/mirror-state\"\n{}\n\
+            "artifacts = \"{a}/mirror-artifacts\"\nstate_dir = \"{a}/mirror-state\"\nlocal_files = \"{a}/mirror-files\"\n{}\n\
              [cache]\ntype = \"memory\"\nmax_bytes = \"64MiB\"\n",
             example.replace("http://127.0.0.1:9000", &endpoint)
         ),
@@ -1352,4 +1352,249 @@ async fn a_file_read_fetches_its_next_spans_ahead() {
     all.dedup();
     assert_eq!(all.len(), demand.len() + ahead.len(), "{events:?}");
     assert_eq!(blob_gets(&log, &env.layer_digests[0]), all.len(), "{log}");
+}
+
+/// Every regular file under `dir` (recursively), with its size.
+fn files_under(dir: &Path) -> Vec<(PathBuf, u64)> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else if let Ok(m) = e.metadata() {
+            out.push((p, m.len()));
+        }
+    }
+    out
+}
+
+/// Once both indexed layers are complete their files get decompressed local copies: a file
+/// opened afterwards is read by the kernel from the copy (FUSE passthrough; the daemon sees no
+/// read), byte for byte, with the registry gone; a file opened before the copies existed keeps
+/// reading right through its spans.
+#[tokio::test(flavor = "multi_thread")]
+async fn local_copies_serve_files_once_layers_are_complete() {
+    use base64::Engine;
+    use std::os::unix::fs::FileExt;
+    let mut env = setup().await;
+    let metrics = Metrics::enable(&env.cfg);
+    let mnt = env.dir.path().join("store");
+    let daemon = Daemon::start_with(
+        &env.cfg,
+        &mnt,
+        &env.dir.path().join("daemon.log"),
+        &["--background-rate", "200MiB"],
+    );
+    let b64 = base64::engine::general_purpose::STANDARD
+        .encode(format!("{}/test/app:v1-soci", env.reg.addr()));
+    let base = mnt.join(&b64).join(&env.layer_digests[0]).join("diff");
+    let top = mnt.join(&b64).join(&env.layer_digests[1]).join("diff");
+    let big = random_bytes(12 << 20, 11);
+    let early = std::fs::File::open(base.join("data/big-random.bin")).unwrap();
+    metrics
+        .wait_for("soci_store_layers_copied", 2.0, Duration::from_secs(120))
+        .await;
+    let copies = files_under(&env.dir.path().join("files"));
+    assert!(
+        copies.iter().any(|(_, n)| *n == 12 << 20),
+        "the big file has a copy: {copies:?}"
+    );
+    assert!(
+        copies
+            .iter()
+            .all(|(p, _)| !p.file_name().unwrap().to_string_lossy().contains(".tmp")),
+        "no temporary files left: {copies:?}"
+    );
+    env.reg.stop();
+    let before = metrics.text().await;
+    let reads = |t: &str| Metrics::value(t, "soci_store_read_seconds_count");
+    let got = std::fs::read(base.join("data/big-random.bin"))
+        .unwrap_or_else(|e| panic!("{e}: {}", daemon.log_text()));
+    assert!(got == big);
+    assert!(std::fs::read(top.join("more/random2.bin")).unwrap() == random_bytes(11 << 20, 13));
+    assert_eq!(
+        std::fs::read(base.join("data/text-hardlink.txt")).unwrap(),
+        text_bytes(3 << 20, 12)
+    );
+    let after = metrics.text().await;
+    let passthrough = |t: &str| Metrics::value(t, "soci_store_passthrough_opens_total");
+    // The big file is still open through its spans (`early`): the kernel allows no passthrough
+    // open of it meanwhile, so the daemon read its copy.
+    assert!(passthrough(&after) >= 2.0, "{after}");
+    assert_eq!(
+        reads(&after),
+        reads(&before),
+        "the kernel read the copies itself"
+    );
+    // The handle opened before the copies existed.
+    let mut buf = vec![0u8; 1 << 20];
+    for off in [0u64, 5 << 20, (12 << 20) - (1 << 20)] {
+        early.read_exact_at(&mut buf, off).unwrap();
+        assert!(buf[..] == big[off as usize..off as usize + buf.len()]);
+    }
+    // Closed, the next open of it is a passthrough one.
+    drop(early);
+    let was = passthrough(&metrics.text().await);
+    // The kernel sends the close (FUSE_RELEASE) on its own time: open until it has arrived.
+    for attempt in 0.. {
+        assert!(std::fs::read(base.join("data/big-random.bin")).unwrap() == big);
+        if passthrough(&metrics.text().await) > was {
+            break;
+        }
+        assert!(
+            attempt < 500,
+            "no passthrough open after the early handle closed"
+        );
+    }
+}
+
+/// A file open with passthrough through a daemon restart: the old descriptor keeps reading (the
+/// kernel reads the copy), and a new open of the same file, which the kernel only allows with
+/// the same backing ID, works with the restarted daemon (it adopts the ID from the journal).
+#[tokio::test(flavor = "multi_thread")]
+async fn local_copies_open_with_passthrough_survive_a_restart() {
+    use base64::Engine;
+    use std::os::unix::fs::FileExt;
+    let mut env = setup().await;
+    let metrics = Metrics::enable(&env.cfg);
+    let mnt = env.dir.path().join("store");
+    let log = env.dir.path().join("daemon.log");
+    let daemon = Daemon::start_with(&env.cfg, &mnt, &log, &["--background-rate", "200MiB"]);
+    let b64 = base64::engine::general_purpose::STANDARD
+        .encode(format!("{}/test/app:v1-soci", env.reg.addr()));
+    let base = mnt.join(&b64).join(&env.layer_digests[0]).join("diff");
+    assert!(base.is_dir());
+    metrics
+        .wait_for("soci_store_layers_copied", 2.0, Duration::from_secs(120))
+        .await;
+    let big = random_bytes(12 << 20, 11);
+    let held = std::fs::File::open(base.join("data/big-random.bin")).unwrap();
+    let text = metrics.text().await;
+    assert_eq!(
+        Metrics::value(&text, "soci_store_passthrough_opens_total"),
+        1.0
+    );
+    daemon.crash();
+    env.reg.stop();
+    let daemon = Daemon::start_with(&env.cfg, &mnt, &log, &[]);
+    let mut buf = vec![0u8; 1 << 20];
+    held.read_exact_at(&mut buf, 7 << 20).unwrap();
+    assert!(buf[..] == big[7 << 20..8 << 20]);
+    let again = std::fs::read(base.join("data/big-random.bin"))
+        .unwrap_or_else(|e| panic!("{e}: {}", daemon.log_text()));
+    assert!(again == big);
+    let text = metrics.text().await;
+    assert_eq!(
+        Metrics::value(&text, "soci_store_passthrough_opens_total"),
+        1.0
+    );
+    assert_eq!(Metrics::value(&text, "soci_store_fuse_errors_total"), 0.0);
+}
+
+/// Without passthrough the daemon reads the copies (never inflating again); a daemon killed
+/// while it writes copies leaves nothing half-written that a restarted one serves; copies stay
+/// under their bound.
+#[tokio::test(flavor = "multi_thread")]
+async fn local_copies_survive_kill_9_and_stay_bounded() {
+    use base64::Engine;
+    let mut env = setup_with("").await;
+    // Room for the 12 MiB file and a little: most of the other layer's 14 MiB is left out.
+    let text = std::fs::read_to_string(&env.cfg).unwrap();
+    std::fs::write(
+        &env.cfg,
+        format!("local_files_max_bytes = \"13MiB\"\n{text}"),
+    )
+    .unwrap();
+    let metrics = Metrics::enable(&env.cfg);
+    let mnt = env.dir.path().join("store");
+    let log = env.dir.path().join("daemon.log");
+    let args = ["--background-rate", "200MiB", "--no-passthrough"];
+    let daemon = Daemon::start_with(&env.cfg, &mnt, &log, &args);
+    let b64 = base64::engine::general_purpose::STANDARD
+        .encode(format!("{}/test/app:v1-soci", env.reg.addr()));
+    let base = mnt.join(&b64).join(&env.layer_digests[0]).join("diff");
+    let top = mnt.join(&b64).join(&env.layer_digests[1]).join("diff");
+    assert_eq!(
+        std::fs::read(base.join("etc/hello.txt")).unwrap(),
+        b"hello from the base layer\n"
+    );
+    // Both layers known to the kernel (and so to the journal a restarted daemon reads).
+    assert!(top.is_dir());
+    // Killed as soon as the spans are complete: copies are being written.
+    metrics
+        .wait_for("soci_store_layers_local", 1.0, Duration::from_secs(120))
+        .await;
+    daemon.crash();
+    // And what a kill in the middle of a file leaves, by hand.
+    let files = env.dir.path().join("files");
+    let layer_dir = files.join(env.layer_digests[0].trim_start_matches("sha256:"));
+    std::fs::create_dir_all(&layer_dir).unwrap();
+    std::fs::write(layer_dir.join("3.tmp4242"), b"half a file").unwrap();
+    let _daemon = Daemon::start_with(&env.cfg, &mnt, &log, &args);
+    assert!(!layer_dir.join("3.tmp4242").exists());
+    metrics
+        .wait_for("soci_store_layers_copied", 2.0, Duration::from_secs(120))
+        .await;
+    let copies = files_under(&files);
+    let held: u64 = copies.iter().map(|(_, n)| n).sum();
+    assert!(held <= 13 << 20, "{held} bytes of copies: {copies:?}");
+    assert!(!copies.is_empty());
+    env.reg.stop();
+    let text = metrics.text().await;
+    assert!(std::fs::read(base.join("data/big-random.bin")).unwrap() == random_bytes(12 << 20, 11));
+    assert!(std::fs::read(top.join("more/random2.bin")).unwrap() == random_bytes(11 << 20, 13));
+    assert_eq!(
+        std::fs::read(base.join("data/text.txt")).unwrap(),
+        text_bytes(3 << 20, 12)
+    );
+    let after = metrics.text().await;
+    let opens = |t: &str| Metrics::value(t, "soci_store_local_opens_total");
+    assert!(
+        opens(&after) > opens(&text),
+        "a copy served a read: {after}"
+    );
+    assert_eq!(
+        Metrics::value(&after, "soci_store_passthrough_opens_total"),
+        0.0
+    );
+    assert_eq!(Metrics::value(&after, "soci_store_fuse_errors_total"), 0.0);
+}
+
+/// `podman rmi` releases the layers (their last reference) and with them their local copies.
+#[tokio::test(flavor = "multi_thread")]
+async fn local_copies_go_with_podman_rmi() {
+    let env = setup().await;
+    let metrics = Metrics::enable(&env.cfg);
+    let mnt = env.dir.path().join("store");
+    let _daemon = Daemon::start_with(
+        &env.cfg,
+        &mnt,
+        &env.dir.path().join("daemon.log"),
+        &["--background-rate", "200MiB"],
+    );
+    let mut lazy = Podman::new();
+    lazy.storage_opts.push(format!(
+        "overlay.additionallayerstore={}:ref",
+        mnt.display()
+    ));
+    let image = format!("{}/test/app:v1-soci", env.reg.addr());
+    let plain = Podman::new().listing(&format!("{}/test/app:v1", env.reg.addr()));
+    assert_eq!(lazy.listing(&image), plain);
+    metrics
+        .wait_for("soci_store_layers_copied", 2.0, Duration::from_secs(120))
+        .await;
+    let files = env.dir.path().join("files");
+    let dir_of = |d: &String| files.join(d.trim_start_matches("sha256:"));
+    for d in &env.layer_digests[..2] {
+        assert!(dir_of(d).exists(), "copies of {d}");
+    }
+    // A container started from the copies lists the same files.
+    assert_eq!(lazy.listing(&image), plain);
+    lazy.run(&["rmi", &image]);
+    for d in &env.layer_digests[..2] {
+        assert!(!dir_of(d).exists(), "the copies of {d} went with the image");
+    }
 }

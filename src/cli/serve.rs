@@ -32,6 +32,9 @@ pub struct ServeArgs {
     /// spans at once (at most 4 MiB compressed); 0 fetches only the spans reads need.
     #[arg(long, value_name = "SPANS", default_value_t = crate::ztoc::reader::READ_AHEAD_SPANS)]
     read_ahead: usize,
+    /// Read local copies through the daemon even where the kernel offers FUSE passthrough.
+    #[arg(long)]
+    no_passthrough: bool,
     /// Write a start breakdown to FILE: one JSON line per lookup, artifact fetch, span fetch
     /// and FUSE read (`soci-store trace summary FILE` adds them up).
     #[arg(long, value_name = "FILE")]
@@ -57,6 +60,15 @@ impl ServeArgs {
         sc.background_fetch = !self.no_background_fetch;
         sc.background_rate = self.background_rate;
         sc.read_ahead = self.read_ahead;
+        sc.passthrough = !self.no_passthrough;
+        if config.local_files_max_bytes > 0 {
+            let local =
+                store::local::LocalFiles::open(&config.local_files, config.local_files_max_bytes)
+                    .with_context(|| {
+                    format!("opening the local copies {}", config.local_files.display())
+                })?;
+            sc.local = Some(Arc::new(local));
+        }
         let opts = store::ServeOptions {
             threads: self.threads,
             metrics_address: config.metrics_address.clone(),

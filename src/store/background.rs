@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use super::context::StoreContext;
 use super::layers::Layer;
+use super::tree::NodeKind;
 use crate::fetch::BlobLocator;
 use crate::reference::Reference;
 use crate::report::Chain;
@@ -68,9 +69,22 @@ impl StoreContext {
             .collect()
     }
 
+    /// Completes a resolved layer: every span local ([`Self::fetch_all`]), then its files'
+    /// decompressed copies ([`Self::copy_files`]).
+    pub(super) async fn complete(self: Arc<Self>, layer: Arc<Layer>, first: Vec<usize>) {
+        if self.fetch_all(&layer, first).await && self.local.is_some() {
+            let ctx = self.clone();
+            let done = tokio::task::spawn_blocking(move || ctx.copy_files(&layer)).await;
+            if let Ok(Err(e)) = done {
+                tracing::warn!("local copies stopped: {e}");
+            }
+        }
+    }
+
     /// Fetches every span of the layer, prefetch spans first, one at a time, so that it ends up
-    /// fully local: pausing while on-demand readers wait, paced to `background_rate`.
-    pub(super) async fn fetch_all(&self, layer: &Layer, first: Vec<usize>) {
+    /// fully local: pausing while on-demand readers wait, paced to `background_rate`. Returns
+    /// whether the layer is complete.
+    pub(super) async fn fetch_all(&self, layer: &Layer, first: Vec<usize>) -> bool {
         let n = layer.ztoc.span_count();
         let mut seen = vec![false; n];
         let order = first
@@ -96,7 +110,7 @@ impl StoreContext {
                         Ok(()) => break,
                         Err(e) => {
                             tracing::warn!(blob = %layer.blob, span = id, "background fetch stopped: {}", Chain(&*e));
-                            return;
+                            return false;
                         }
                     },
                     _ = &mut demand => {}
@@ -107,6 +121,65 @@ impl StoreContext {
             .layers_local
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(blob = %layer.blob, "layer fully local");
+        true
+    }
+
+    /// Writes the decompressed copy of each file of a fully local layer that has none yet
+    /// (`local`), in the layer's order so that each span is inflated about once, while the store
+    /// is idle (it costs CPU a start may need). Blocking: run it on a blocking thread.
+    pub(super) fn copy_files(&self, layer: &Layer) -> std::io::Result<()> {
+        let Some(local) = &self.local else {
+            return Ok(());
+        };
+        let mut entries: Vec<usize> = layer
+            .tree
+            .nodes
+            .iter()
+            .filter_map(|n| match n.kind {
+                NodeKind::File { entry, .. } => layer.ztoc.resolve_hardlink(entry).ok(),
+                _ => None,
+            })
+            .collect();
+        entries.sort_unstable();
+        entries.dedup();
+        let blob = &layer.blob.digest;
+        let mut writer = local.writer(blob)?;
+        let mut buf = vec![0u8; 1 << 20];
+        let (mut files, mut bytes) = (0u64, 0u64);
+        for idx in entries {
+            if local.contains(blob, idx) {
+                continue;
+            }
+            while !self.idle() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let size = layer.ztoc.entries[idx].size;
+            let kept = writer.add(idx, size, |out| {
+                let mut off = 0;
+                while off < size {
+                    let n = layer
+                        .reader
+                        .read_entry(idx, off, &mut buf)
+                        .map_err(std::io::Error::other)?;
+                    if n == 0 {
+                        return Err(std::io::ErrorKind::UnexpectedEof.into());
+                    }
+                    out.write_all(&buf[..n])?;
+                    off += n as u64;
+                }
+                Ok(())
+            })?;
+            if kept {
+                files += 1;
+                bytes += size;
+            }
+        }
+        writer.commit()?;
+        self.stats
+            .layers_copied
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(blob = %layer.blob, files, bytes, "local copies written");
+        Ok(())
     }
 
     /// Fetches span `id` of `layer` into the cache, paced to `background_rate`.

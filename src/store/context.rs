@@ -69,6 +69,10 @@ pub struct StoreContext {
     pub background_rate: Option<u64>,
     /// Spans fetched ahead of a file read that misses (see `LayerReader::read_ahead`).
     pub read_ahead: usize,
+    /// Decompressed copies of the files of fully local layers (off when None).
+    pub local: Option<Arc<super::local::LocalFiles>>,
+    /// Serve local copies with FUSE passthrough when the kernel allows it.
+    pub passthrough: bool,
     pub stats: Arc<super::metrics::StoreStats>,
     images: Memo<String, Arc<ImageInfo>>,
     /// Served layers by (reference, compressed layer digest): one resolution per layer whichever
@@ -118,6 +122,8 @@ impl StoreContext {
             background_fetch: true,
             background_rate: None,
             read_ahead: crate::ztoc::reader::READ_AHEAD_SPANS,
+            local: None,
+            passthrough: true,
             stats: Arc::default(),
             images: Mutex::default(),
             layers: Mutex::default(),
@@ -340,8 +346,7 @@ impl StoreContext {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if self.background_fetch {
             let (ctx, l) = (self.clone(), layer.clone());
-            self.runtime
-                .spawn(async move { ctx.fetch_all(&l, first).await });
+            self.runtime.spawn(ctx.complete(l, first));
         }
         layer
     }

@@ -18,6 +18,7 @@ use super::context::StoreContext;
 use super::inodes::{attr, Special, State};
 use super::journal::{Journal, Record};
 use super::layers::Layer;
+use super::open_files::{BackingEvent, OpenFiles};
 use super::tree::NodeKind;
 use crate::report::Chain;
 
@@ -38,6 +39,8 @@ pub struct StoreFs {
     pub(super) journal: Option<Arc<Journal>>,
     /// The kernel's ABI version and capabilities from the FUSE handshake.
     kernel: Handshake,
+    /// Open files of the diff trees.
+    pub(super) open_files: OpenFiles,
 }
 
 impl StoreFs {
@@ -50,6 +53,7 @@ impl StoreFs {
             next_ino: AtomicU64::new(2),
             journal: None,
             kernel: Arc::default(),
+            open_files: OpenFiles::default(),
         }
     }
 
@@ -62,6 +66,23 @@ impl StoreFs {
     /// What the kernel said at the FUSE handshake (ABI version, capabilities), once it happened.
     pub fn kernel_handshake(&self) -> Handshake {
         self.kernel.clone()
+    }
+
+    fn record_backing(&self, e: BackingEvent) {
+        self.record(&match e {
+            BackingEvent::Opened { ino, id } => Record::Backing { ino, id },
+            BackingEvent::Closed { ino } => Record::Unbacked { ino },
+        });
+    }
+
+    /// The decompressed local copy of diff node `idx`, when it is a regular file that has one.
+    fn local_copy(&self, layer: &Layer, idx: usize) -> Option<std::fs::File> {
+        let local = self.ctx.local.as_ref()?;
+        let NodeKind::File { entry, size } = layer.tree.nodes[idx].kind else {
+            return None;
+        };
+        let data = layer.ztoc.resolve_hardlink(entry).ok()?;
+        local.get(&layer.blob.digest, data, size)
     }
 
     /// Resolves a layer on the runtime, bounded by the lookup timeout.
@@ -119,6 +140,21 @@ impl Filesystem for StoreFs {
         let abi = config.kernel_abi();
         let caps = config.capabilities().bits();
         *self.kernel.lock().unwrap_or_else(|p| p.into_inner()) = Some(((abi.0, abi.1), caps));
+        if self.ctx.passthrough && self.ctx.local.is_some() {
+            // Depth 1: the store stays stackable under podman's overlay mounts.
+            let granted = config
+                .add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH)
+                .is_ok()
+                && config.set_max_stack_depth(1).is_ok();
+            if granted {
+                tracing::info!("local copies are served with FUSE passthrough");
+            } else {
+                tracing::warn!(
+                    "the kernel offers no FUSE passthrough (Linux >= 6.9 and CAP_SYS_ADMIN are needed); local copies are read through the daemon"
+                );
+            }
+            self.open_files.set_passthrough(granted);
+        }
         Ok(())
     }
 
@@ -241,28 +277,57 @@ impl Filesystem for StoreFs {
             return reply.error(Errno::EROFS);
         }
         match self.special(ino.0) {
-            Some(Special::Info(_) | Special::Blob(_)) => {
-                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
-            }
+            Some(Special::Info(_) | Special::Blob(_)) => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
+            ),
             Some(_) => reply.error(Errno::EISDIR),
             None => match self.diff_node(ino.0) {
-                Some(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+                Some((layer, idx)) => {
+                    let copy = self.local_copy(&layer, idx);
+                    let journal = |e| self.record_backing(e);
+                    self.open_files
+                        .open(ino.0, copy, reply, &self.ctx.stats, journal)
+                }
                 None => reply.error(Errno::ENOENT),
             },
         }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.open_files.release(fh.0, |e| self.record_backing(e));
+        reply.ok();
     }
 
     fn read(
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         size: u32,
         _flags: OpenFlags,
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
+        match self.open_files.read(fh.0, offset, size) {
+            Some(Ok(data)) => return reply.data(&data),
+            Some(Err(e)) => {
+                self.ctx.stats.fuse_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("reading a local copy: {e}");
+                return reply.error(Errno::EIO);
+            }
+            None => {}
+        }
         match self.special(ino.0) {
             Some(Special::Info(l)) => {
                 let start = (offset as usize).min(l.info.len());
@@ -508,6 +573,10 @@ impl Filesystem for StoreFs {
             let n = layer.uses.fetch_sub(1, Ordering::SeqCst) - 1;
             self.record(&Record::Uses { ino: d, uses: n });
             tracing::info!(blob = %layer.blob, uses = n, "release");
+            // The last reference went (`podman rmi`): so do the layer's local copies.
+            if let (0, Some(local)) = (n, &self.ctx.local) {
+                local.remove_layer(&layer.blob.digest);
+            }
         }
         reply.error(Errno::ENOENT);
     }

@@ -30,6 +30,10 @@ pub enum Record {
     LayerDir { parent: u64, name: String, ino: u64 },
     /// podman's reference count of the layer at `ino`.
     Uses { ino: u64, uses: i64 },
+    /// File `ino` is open with FUSE passthrough through backing ID `id` of the connection.
+    Backing { ino: u64, id: u32 },
+    /// File `ino`'s backing ID is (about to be) closed: never to be used again.
+    Unbacked { ino: u64 },
 }
 
 /// What a layer is, as [`Record::Layer`] stores it.

@@ -20,6 +20,11 @@ pub struct StoreStats {
     pub fuse_errors: AtomicU64,
     pub layers_served: AtomicU64,
     pub layers_local: AtomicU64,
+    /// Layers whose files' decompressed copies were written.
+    pub layers_copied: AtomicU64,
+    /// Opens answered from a local copy, and of those, with FUSE passthrough.
+    pub local_opens: AtomicU64,
+    pub passthrough_opens: AtomicU64,
 }
 
 impl StoreStats {
@@ -87,6 +92,24 @@ impl StoreStats {
             "gauge",
             "Layers completely in the cache.",
             g(&self.layers_local),
+        );
+        metric(
+            "soci_store_layers_copied",
+            "gauge",
+            "Layers whose files have decompressed local copies.",
+            g(&self.layers_copied),
+        );
+        metric(
+            "soci_store_local_opens_total",
+            "counter",
+            "File opens answered from a decompressed local copy.",
+            g(&self.local_opens),
+        );
+        metric(
+            "soci_store_passthrough_opens_total",
+            "counter",
+            "File opens the kernel serves directly from a local copy (FUSE passthrough).",
+            g(&self.passthrough_opens),
         );
         metric(
             "soci_store_fuse_errors_total",

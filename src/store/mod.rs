@@ -11,7 +11,9 @@ pub mod handoff;
 mod inodes;
 pub mod journal;
 mod layers;
+pub mod local;
 pub mod metrics;
+mod open_files;
 mod restore;
 pub mod tree;
 

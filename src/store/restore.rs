@@ -21,6 +21,7 @@ impl StoreFs {
         let mut refs: HashMap<u64, String> = HashMap::new();
         let mut layers: HashMap<u64, Arc<Layer>> = HashMap::new();
         let mut next = 2u64;
+        let mut backing: HashMap<u64, u32> = HashMap::new();
         let mut st = fs.write_state();
         for r in records {
             match r {
@@ -58,6 +59,12 @@ impl StoreFs {
                         ctx.remember_layer(reference, name, layer.clone());
                     }
                 }
+                Record::Backing { ino, id } => {
+                    backing.insert(*ino, *id);
+                }
+                Record::Unbacked { ino } => {
+                    backing.remove(ino);
+                }
                 Record::Uses { ino, uses } => {
                     if let Some(layer) = layers.get(ino) {
                         layer.uses.store(*uses, Ordering::SeqCst);
@@ -66,6 +73,8 @@ impl StoreFs {
             }
         }
         drop(st);
+        // Backing IDs still open belong to files a container holds open through the restart.
+        fs.open_files.adopt(backing);
         fs.next_ino.store(next, Ordering::SeqCst);
         tracing::info!(layers = layers.len(), next_inode = next, "restored");
         fs

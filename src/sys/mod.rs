@@ -2,6 +2,7 @@
 //! dependencies do not expose.
 //!
 //! - [`zlib`]: inflate that resumes at checkpoints (`inflatePrime`, `Z_BLOCK`);
+//! - [`fuse`]: FUSE passthrough backing IDs by number (kept across daemon restarts);
 //! - [`fd`]: passing a file descriptor between processes and re-pointing one at another file,
 //!   which a FUSE session needs to survive a daemon restart.
 
@@ -10,4 +11,6 @@
 
 #[cfg(feature = "daemon")]
 pub mod fd;
+#[cfg(feature = "daemon")]
+pub mod fuse;
 pub mod zlib;
