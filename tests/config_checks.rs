@@ -162,3 +162,21 @@ fn serve_stops_at_start_when_the_metrics_address_is_taken() {
         "{stderr}"
     );
 }
+
+/// The shipped `config/config.toml` loads as it is, and says what the defaults are.
+#[test]
+fn the_shipped_config_file_loads() {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/config.toml");
+    let out = soci_store(&shipped, &["config", "show"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let c: soci_store::config::Config = toml::from_str(&text).unwrap();
+    let d = soci_store::config::Config::default();
+    assert_eq!(c.local_files, d.local_files);
+    assert_eq!(c.local_files_max_bytes, 20 << 30);
+    assert_eq!(c.artifacts, d.artifacts);
+}
