@@ -46,6 +46,29 @@ impl MemoryCache {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Drops every span of `layer`.
+    pub fn remove_layer(&self, layer: &str) {
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        let gone: Vec<SpanKey> = inner
+            .map
+            .keys()
+            .filter(|k| k.layer == layer)
+            .cloned()
+            .collect();
+        for key in gone {
+            if let Some(slot) = inner.map.remove(&key) {
+                inner.used -= slot.data.len() as u64;
+                if slot.protected {
+                    inner.protected_used -= slot.data.len() as u64;
+                    inner.protected.remove(&slot.tick);
+                } else {
+                    inner.probation.remove(&slot.tick);
+                }
+            }
+        }
+    }
 }
 
 impl Inner {
@@ -150,6 +173,26 @@ mod tests {
 
     fn k(i: usize) -> SpanKey {
         SpanKey::new("sha256:aa", i)
+    }
+
+    #[test]
+    fn a_layer_can_leave() {
+        let c = MemoryCache::new(1 << 20);
+        for i in 0..4 {
+            c.put(&k(i), Bytes::from(vec![0u8; 100]));
+            c.put(&SpanKey::new("sha256:bb", i), Bytes::from(vec![0u8; 100]));
+        }
+        // Hit twice: protected.
+        assert!(c.get(&k(1)).is_some() && c.get(&k(1)).is_some());
+        c.remove_layer("sha256:aa");
+        assert_eq!(c.used_bytes(), 400);
+        assert!((0..4).all(|i| !c.contains(&k(i))));
+        assert!(c.contains(&SpanKey::new("sha256:bb", 3)));
+        // The bookkeeping still holds: filling evicts only what it must.
+        for i in 10..20 {
+            c.put(&k(i), Bytes::from(vec![0u8; 100]));
+        }
+        assert_eq!(c.used_bytes(), 1400);
     }
 
     #[test]

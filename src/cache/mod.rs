@@ -44,4 +44,10 @@ pub trait SpanCache: Send + Sync + Debug {
     fn contains(&self, key: &SpanKey) -> bool {
         self.get(key).is_some()
     }
+    /// The layer's files now have decompressed local copies, which reads use instead of its
+    /// spans: a tier in front of a persistent one may let the layer's spans go (the daemon's
+    /// memory then stays small once layers are complete). The default keeps everything.
+    fn settle(&self, layer: &str) {
+        let _ = layer;
+    }
 }

@@ -43,6 +43,11 @@ impl SpanCache for TieredCache {
     fn contains(&self, key: &SpanKey) -> bool {
         self.memory.contains(key) || self.disk.contains(key)
     }
+
+    /// The disk keeps the layer's spans; memory lets them go.
+    fn settle(&self, layer: &str) {
+        self.memory.remove_layer(layer);
+    }
 }
 
 #[cfg(test)]

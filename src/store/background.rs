@@ -175,6 +175,10 @@ impl StoreContext {
             }
         }
         writer.commit()?;
+        // Reads of this layer now use the copies: its spans may leave memory.
+        self.spans.cache().settle(blob);
+        self.inflated.clear();
+        crate::sys::mem::trim();
         self.stats
             .layers_copied
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -86,7 +86,7 @@ pub struct StoreContext {
     pub(super) resolving: std::sync::atomic::AtomicUsize,
     /// When a resolution last finished (ms since the Unix epoch).
     pub(super) last_resolution_ms: std::sync::atomic::AtomicU64,
-    inflated: Arc<crate::ztoc::reader::InflatedSpans>,
+    pub(super) inflated: Arc<crate::ztoc::reader::InflatedSpans>,
 }
 
 /// An image's manifest for this platform, its diff IDs and its SOCI index (if any).

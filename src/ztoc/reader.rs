@@ -285,6 +285,11 @@ impl InflatedSpans {
         }
     }
 
+    /// Drops everything kept.
+    pub fn clear(&self) {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = Default::default();
+    }
+
     fn get(&self, key: (u64, usize)) -> Option<Arc<[u8]>> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let i = st.1.iter().position(|(k, _)| *k == key)?;
