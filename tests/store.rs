@@ -1598,3 +1598,74 @@ async fn local_copies_go_with_podman_rmi() {
         assert!(!dir_of(d).exists(), "the copies of {d} went with the image");
     }
 }
+
+/// A container holding a file open with passthrough through a daemon restart: the restarted
+/// daemon (which adopts the open file's backing ID from the journal) serves new opens of that
+/// file and of others in the running container, with the registry gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn local_copies_keep_a_container_reading_through_a_restart() {
+    let mut env = setup().await;
+    let metrics = Metrics::enable(&env.cfg);
+    let mnt = env.dir.path().join("store");
+    let first = Daemon::start_with(
+        &env.cfg,
+        &mnt,
+        &env.dir.path().join("first.log"),
+        &["--background-rate", "200MiB"],
+    );
+    let mut lazy = Podman::new();
+    lazy.storage_opts.push(format!(
+        "overlay.additionallayerstore={}:ref",
+        mnt.display()
+    ));
+    let image = format!("{}/test/app:v1-soci", env.reg.addr());
+    lazy.run(&["pull", "-q", "--tls-verify=false", &image]);
+    metrics
+        .wait_for("soci_store_layers_copied", 2.0, Duration::from_secs(120))
+        .await;
+    // The container opens the big file (from its copy, with passthrough) and keeps it open.
+    lazy.run(&[
+        "run",
+        "-d",
+        "--name",
+        "keep",
+        "--network",
+        "none",
+        &image,
+        "/bin/busybox",
+        "sh",
+        "-c",
+        "exec 3</data/big-random.bin; exec /bin/busybox sleep 3600",
+    ]);
+    let sum = |path: &str| -> String {
+        let out = lazy.run(&["exec", "keep", "/bin/busybox", "sha256sum", path]);
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let big = common::servers::sha256_digest(&random_bytes(12 << 20, 11));
+    assert_eq!(format!("sha256:{}", sum("/data/big-random.bin")), big);
+    let text = metrics.text().await;
+    assert!(
+        Metrics::value(&text, "soci_store_passthrough_opens_total") >= 1.0,
+        "{text}"
+    );
+
+    first.crash();
+    env.reg.stop();
+    std::fs::write("/proc/sys/vm/drop_caches", "1").unwrap();
+    let second = Daemon::start_with(&env.cfg, &mnt, &env.dir.path().join("second.log"), &[]);
+    assert!(second.log_text().contains("took over the mount"));
+    assert_eq!(format!("sha256:{}", sum("/data/big-random.bin")), big);
+    let random2 = common::servers::sha256_digest(&random_bytes(11 << 20, 13));
+    assert_eq!(format!("sha256:{}", sum("/more/random2.bin")), random2);
+    let text = metrics.text().await;
+    assert_eq!(
+        Metrics::value(&text, "soci_store_fuse_errors_total"),
+        0.0,
+        "{}",
+        second.log_text()
+    );
+}
