@@ -30,12 +30,12 @@ impl LocalFetcher {
         Ok(LocalFetcher { root })
     }
 
-    fn path(&self, blob: &BlobLocator) -> Result<PathBuf, FetchError> {
-        Ok(self.root.join("blobs/sha256").join(blob.hex()))
+    fn path(&self, digest: &crate::digest::Digest) -> PathBuf {
+        self.root.join("blobs/sha256").join(digest.hex())
     }
 
     fn open(&self, blob: &BlobLocator) -> Result<std::fs::File, FetchError> {
-        let path = self.path(blob)?;
+        let path = self.path(&blob.digest);
         std::fs::File::open(&path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => {
                 FetchError::NotFound(format!("{} in {}", blob.digest, self.root.display()))
@@ -120,8 +120,7 @@ impl Fetcher for LocalFetcher {
                 )))
             }
         };
-        let blob = BlobLocator::new(reference.clone(), digest.clone());
-        let data = read(self.path(&blob)?)?;
+        let data = read(self.path(&digest))?;
         FetchedManifest::checked(data.into(), media_type, Some(&digest), reference)
     }
 

@@ -215,8 +215,9 @@ impl Fetcher for S3Fetcher {
                 )))
             }
         };
-        let blob = BlobLocator::new(reference.clone(), digest.clone());
-        let data = self.small_object(&self.blob_path(blob.hex()), max).await?;
+        let data = self
+            .small_object(&self.blob_path(digest.hex()), max)
+            .await?;
         FetchedManifest::checked(data, media_type, Some(&digest), reference)
     }
 

@@ -11,7 +11,7 @@
 //! first (an open file keeps its data until closed). A layer's copies are removed when podman
 //! releases the layer (`podman rmi`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -30,12 +30,53 @@ pub struct LocalFiles {
     state: Mutex<State>,
 }
 
+/// (layer blob hex, entry index).
+type Key = (String, usize);
+
 #[derive(Debug, Default)]
 struct State {
-    /// (layer blob hex, entry index) → size and last use.
-    files: HashMap<(String, usize), Kept>,
+    /// Copies → size and last use.
+    files: HashMap<Key, Kept>,
+    /// Copies by last use, oldest first: eviction takes the first without scanning them all.
+    order: BTreeMap<u64, Key>,
     used: u64,
     clock: u64,
+}
+
+impl State {
+    /// Records (or replaces) a copy as just used.
+    fn insert(&mut self, key: Key, size: u64) {
+        self.remove(&key);
+        self.clock += 1;
+        self.order.insert(self.clock, key.clone());
+        self.files.insert(
+            key,
+            Kept {
+                size,
+                last: self.clock,
+            },
+        );
+        self.used += size;
+    }
+
+    /// Marks a copy as just used; false when there is none.
+    fn touch(&mut self, key: &Key) -> bool {
+        let Some(kept) = self.files.get_mut(key) else {
+            return false;
+        };
+        self.clock += 1;
+        self.order.remove(&kept.last);
+        kept.last = self.clock;
+        self.order.insert(self.clock, key.clone());
+        true
+    }
+
+    fn remove(&mut self, key: &Key) {
+        if let Some(kept) = self.files.remove(key) {
+            self.order.remove(&kept.last);
+            self.used -= kept.size;
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -81,10 +122,7 @@ impl LocalFiles {
         found.sort();
         let mut state = State::default();
         for (_, hex, idx, size) in found {
-            state.clock += 1;
-            let last = state.clock;
-            state.used += size;
-            state.files.insert((hex, idx), Kept { size, last });
+            state.insert((hex, idx), size);
         }
         let files = LocalFiles {
             root: root.to_path_buf(),
@@ -106,11 +144,8 @@ impl LocalFiles {
     /// The copy of `entry` of `layer`, if there is one of `size` bytes.
     pub fn get(&self, layer: &Digest, entry: usize, size: u64) -> Option<File> {
         let key = (layer.hex().to_string(), entry);
-        {
-            let mut st = self.lock();
-            st.clock += 1;
-            let now = st.clock;
-            st.files.get_mut(&key)?.last = now;
+        if !self.lock().touch(&key) {
+            return None;
         }
         let path = self.layer_dir(layer).join(entry.to_string());
         match File::open(&path) {
@@ -134,12 +169,9 @@ impl LocalFiles {
             .contains_key(&(layer.hex().to_string(), entry))
     }
 
-    fn forget(&self, key: &(String, usize), path: &Path) {
+    fn forget(&self, key: &Key, path: &Path) {
         let _ = std::fs::remove_file(path);
-        let mut st = self.lock();
-        if let Some(k) = st.files.remove(key) {
-            st.used -= k.size;
-        }
+        self.lock().remove(key);
     }
 
     /// Bytes held.
@@ -156,10 +188,7 @@ impl LocalFiles {
                 if st.used <= limit {
                     return;
                 }
-                st.files
-                    .iter()
-                    .min_by_key(|(_, k)| k.last)
-                    .map(|(key, _)| key.clone())
+                st.order.first_key_value().map(|(_, key)| key.clone())
             };
             let Some(key) = victim else { return };
             let path = self.root.join(&key.0).join(key.1.to_string());
@@ -174,9 +203,7 @@ impl LocalFiles {
             let mut st = self.lock();
             let gone: Vec<_> = st.files.keys().filter(|k| k.0 == hex).cloned().collect();
             for k in gone {
-                if let Some(kept) = st.files.remove(&k) {
-                    st.used -= kept.size;
-                }
+                st.remove(&k);
             }
         }
         let _ = std::fs::remove_dir_all(self.layer_dir(layer));
@@ -259,16 +286,7 @@ impl LayerWriter<'_> {
         nix::unistd::syncfs(File::open(&self.dir)?).map_err(io::Error::from)?;
         for (entry, tmp, size) in self.pending.drain(..) {
             std::fs::rename(&tmp, self.dir.join(entry.to_string()))?;
-            let mut st = self.files.lock();
-            st.clock += 1;
-            let last = st.clock;
-            if let Some(old) = st
-                .files
-                .insert((self.hex.clone(), entry), Kept { size, last })
-            {
-                st.used -= old.size;
-            }
-            st.used += size;
+            self.files.lock().insert((self.hex.clone(), entry), size);
         }
         self.pending_bytes = 0;
         // Copies written meanwhile by another writer may have taken the room.
