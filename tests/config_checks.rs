@@ -180,3 +180,29 @@ fn the_shipped_config_file_loads() {
     assert_eq!(c.local_files_max_bytes, 20 << 30);
     assert_eq!(c.artifacts, d.artifacts);
 }
+
+/// The shipped storage.conf and its podman 6 drop-in name the same store, and the drop-in
+/// appends to the list (a plain array would replace stores other files list).
+#[test]
+fn the_shipped_storage_files_name_the_same_store() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let read = |p: &str| -> toml::Table {
+        toml::from_str(&std::fs::read_to_string(dir.join(p)).unwrap()).unwrap()
+    };
+    let stores = |t: &toml::Table| t["storage"]["options"]["additionallayerstores"].clone();
+    let classic = stores(&read("storage.conf"));
+    let dropin = stores(&read("storage.conf.d/50-soci-store.conf"));
+    let classic = classic.as_array().unwrap();
+    let dropin = dropin.as_array().unwrap();
+    assert_eq!(classic.len(), 1);
+    assert_eq!(dropin.len(), 2);
+    assert_eq!(dropin[0], classic[0]);
+    assert!(classic[0].as_str().unwrap().ends_with(":ref"));
+    assert_eq!(dropin[1]["append"].as_bool(), Some(true));
+    let registries = read("registries.conf.d/50-soci-store.conf");
+    assert_eq!(
+        registries["additional-layer-store-auth-helper"].as_str(),
+        Some("/usr/local/bin/soci-store-auth-helper"),
+        "where `cargo install --root /usr/local` (README) puts the helper"
+    );
+}

@@ -1,5 +1,6 @@
 //! The `soci-store` command line.
 
+pub mod auth_helper;
 mod blob;
 mod index;
 mod serve;

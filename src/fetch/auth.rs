@@ -16,6 +16,17 @@ pub struct Credentials {
     pub password: String,
 }
 
+/// The user name that marks an identity (OAuth2 refresh) token, as docker credential helpers
+/// and containers/image spell it.
+pub const IDENTITY_TOKEN_USER: &str = "<token>";
+
+impl Credentials {
+    /// The identity token these credentials hold instead of a password, if any.
+    pub fn identity_token(&self) -> Option<&str> {
+        (self.username == IDENTITY_TOKEN_USER).then_some(self.password.as_str())
+    }
+}
+
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Credentials")
@@ -87,6 +98,16 @@ fn normalize_key(key: &str) -> &str {
 }
 
 fn decode_entry(v: &Value) -> Option<Credentials> {
+    if let Some(token) = v
+        .get("identitytoken")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+    {
+        return Some(Credentials {
+            username: IDENTITY_TOKEN_USER.into(),
+            password: token.into(),
+        });
+    }
     if let Some(auth) = v
         .get("auth")
         .and_then(Value::as_str)
@@ -163,7 +184,11 @@ impl CredentialStore {
     }
 
     /// Credentials for `registry` (host[:port]) and `repository`, or None for anonymous access.
+    /// What podman handed over for the repository comes first, then the files.
     pub fn lookup(&self, registry: &str, repository: &str) -> Result<Option<Credentials>, String> {
+        if let Some(c) = super::handover::lookup(registry, repository) {
+            return Ok(Some(c));
+        }
         let keys = candidate_keys(registry, repository);
         for file in &self.files {
             let Some(doc) = read_json(file)? else {

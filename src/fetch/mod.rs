@@ -2,6 +2,7 @@
 //! layout, or a backend from another crate), tried in the configured order.
 
 pub mod auth;
+pub mod handover;
 pub mod local;
 pub mod registry;
 pub mod s3;

@@ -24,7 +24,7 @@ use crate::ztoc::{LayerReader, Ztoc};
 /// (page faults of mapped libraries), and re-inflating a span per read costs more than its fetch.
 const INFLATED_SPANS_BYTES: usize = 48 << 20;
 
-/// Resolutions computed once per key, failures included (as messages).
+/// Resolutions computed once per key (see [`memoized`]).
 type Memo<K, T> = Mutex<HashMap<K, Arc<OnceCell<Lookup<T>>>>>;
 
 /// Why a layer cannot be served lazily (podman is then told to pull it itself).
@@ -46,7 +46,17 @@ pub enum LookupError {
     },
 }
 
-/// A lookup's outcome: memoized, failures included, so errors are shared.
+impl LookupError {
+    /// A failure to reach or read from a backend (or the artifact store), which may go away.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            LookupError::Fetch(_) | LookupError::Index(IndexError::Fetch(_) | IndexError::Store(_))
+        )
+    }
+}
+
+/// A lookup's outcome: shared by concurrent askers, so errors are `Arc`s.
 pub type Lookup<T> = Result<T, Arc<LookupError>>;
 
 fn mismatch(why: String) -> Arc<LookupError> {
@@ -107,6 +117,29 @@ fn cell<K: std::hash::Hash + Eq + Clone, T>(
         .clone()
 }
 
+/// The value of `k` in `m`, computed once by `init` for every concurrent asker. A failure to
+/// fetch (registry down, credentials not handed over yet, a timeout) is answered to those
+/// askers and then forgotten, so the next lookup tries again; any other failure (an index or
+/// zTOC that does not fit) is kept, as the same bytes would fail the same way.
+async fn memoized<K, T, F>(m: &Memo<K, T>, k: &K, init: F) -> Lookup<T>
+where
+    K: std::hash::Hash + Eq + Clone,
+    T: Clone,
+    F: std::future::Future<Output = Lookup<T>>,
+{
+    let c = cell(m, k);
+    let found = c.get_or_init(|| init).await.clone();
+    if let Err(e) = &found {
+        if e.is_transient() {
+            let mut map = m.lock().unwrap_or_else(|p| p.into_inner());
+            if map.get(k).is_some_and(|cur| Arc::ptr_eq(cur, &c)) {
+                map.remove(k);
+            }
+        }
+    }
+    found
+}
+
 impl StoreContext {
     pub fn new(
         spans: Arc<SpanStore>,
@@ -143,10 +176,10 @@ impl StoreContext {
     }
 
     async fn image(&self, reference: &str) -> Lookup<Arc<ImageInfo>> {
-        let c = cell(&self.images, &reference.to_string());
-        c.get_or_init(|| async { self.image_uncached(reference).await.map_err(Arc::new) })
-            .await
-            .clone()
+        memoized(&self.images, &reference.to_string(), async {
+            self.image_uncached(reference).await.map_err(Arc::new)
+        })
+        .await
     }
 
     async fn image_uncached(&self, reference: &str) -> Result<Arc<ImageInfo>, LookupError> {
@@ -232,13 +265,11 @@ impl StoreContext {
             }
         };
         let key = (reference.to_string(), blob.clone());
-        let c = cell(&self.layers, &key);
-        c.get_or_init(|| async {
+        memoized(&self.layers, &key, async {
             let _busy = Busy::new(self);
             self.resolve(reference, &blob).await
         })
         .await
-        .clone()
     }
 
     fn lock_aliases(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Digest>> {
@@ -248,28 +279,26 @@ impl StoreContext {
     /// The zTOC (or zTOC table, `is_table`) `desc` names: from the artifact store or the
     /// network, once per digest.
     async fn ztoc(&self, r: &Reference, desc: &Descriptor, is_table: bool) -> Lookup<Arc<Ztoc>> {
-        cell(&self.ztocs, &desc.digest)
-            .get_or_init(|| async {
-                let started = std::time::Instant::now();
-                let store = self.artifacts.as_ref();
-                let z = if is_table {
-                    fetch_table(self.fetchers(), store, r, desc).await
-                } else {
-                    fetch_ztoc(self.fetchers(), store, r, desc).await
-                };
-                let z = z.map(Arc::new).map_err(|e| Arc::new(LookupError::from(e)));
-                let event = crate::trace::Event {
-                    ev: "artifact".into(),
-                    what: desc.digest.to_string(),
-                    bytes: desc.size,
-                    outcome: if z.is_ok() { "" } else { "error" }.into(),
-                    ..Default::default()
-                };
-                self.spans.trace().record(started, event);
-                z
-            })
-            .await
-            .clone()
+        memoized(&self.ztocs, &desc.digest, async {
+            let started = std::time::Instant::now();
+            let store = self.artifacts.as_ref();
+            let z = if is_table {
+                fetch_table(self.fetchers(), store, r, desc).await
+            } else {
+                fetch_ztoc(self.fetchers(), store, r, desc).await
+            };
+            let z = z.map(Arc::new).map_err(|e| Arc::new(LookupError::from(e)));
+            let event = crate::trace::Event {
+                ev: "artifact".into(),
+                what: desc.digest.to_string(),
+                bytes: desc.size,
+                outcome: if z.is_ok() { "" } else { "error" }.into(),
+                ..Default::default()
+            };
+            self.spans.trace().record(started, event);
+            z
+        })
+        .await
     }
 
     /// Rebuilds a layer a previous daemon served from its journal record: the zTOC from the

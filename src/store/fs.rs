@@ -85,13 +85,15 @@ impl StoreFs {
         local.get(&layer.blob.digest, data, size)
     }
 
-    /// Resolves a layer on the runtime, bounded by the lookup timeout.
-    fn resolve(&self, reference: &str, digest: &str) -> Option<Arc<Layer>> {
+    /// Resolves a layer on the runtime, bounded by the lookup timeout: `Ok(None)` when the
+    /// image has no index for it, `Err` when it could not be found out (registry errors,
+    /// missing credentials, the timeout) — worth asking again next time.
+    fn resolve(&self, reference: &str, digest: &str) -> Result<Option<Arc<Layer>>, ()> {
         let ctx = self.ctx.clone();
         let (r, d) = (reference.to_string(), digest.to_string());
         let fut = async move { tokio::time::timeout(ctx.lookup_timeout, ctx.layer(&r, &d)).await };
         match self.ctx.runtime.block_on(fut) {
-            Ok(Ok(found)) => found,
+            Ok(Ok(found)) => Ok(found),
             Ok(Err(e)) => {
                 tracing::warn!(
                     reference,
@@ -99,11 +101,11 @@ impl StoreFs {
                     "cannot serve layer lazily: {}",
                     Chain(&*e)
                 );
-                None
+                Err(())
             }
             Err(_) => {
                 tracing::warn!(reference, digest, "layer lookup timed out");
-                None
+                Err(())
             }
         }
     }
@@ -198,7 +200,7 @@ impl Filesystem for StoreFs {
                     return Self::negative(reply);
                 }
                 match self.resolve(&reference, digest) {
-                    Some(layer) => {
+                    Ok(Some(layer)) => {
                         let inos = self.layer_inodes(&layer);
                         let mut st = self.write_state();
                         let key = (parent, name_b.to_vec());
@@ -219,7 +221,10 @@ impl Filesystem for StoreFs {
                             Generation(0),
                         );
                     }
-                    None => Self::negative(reply),
+                    Ok(None) => Self::negative(reply),
+                    // Not cached by the kernel: the next pull asks again (e.g. once podman has
+                    // handed credentials over, or the registry is back).
+                    Err(()) => reply.error(Errno::ENOENT),
                 }
             }
             Some(Special::LayerDir(layer)) => {

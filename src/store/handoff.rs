@@ -30,6 +30,8 @@ const OK: u8 = b'k';
 pub struct StatePaths {
     pub socket: PathBuf,
     pub journal: PathBuf,
+    /// Where podman's credentials are handed over (`auth_socket`).
+    pub auth: PathBuf,
 }
 
 impl StatePaths {
@@ -40,6 +42,7 @@ impl StatePaths {
         StatePaths {
             socket: state_dir.join(format!("{id}.sock")),
             journal: state_dir.join(format!("{id}.journal")),
+            auth: state_dir.join(format!("{id}{}", super::auth_socket::SUFFIX)),
         }
     }
 }

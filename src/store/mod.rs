@@ -4,6 +4,7 @@
 //! a layer's files the way overlayfs wants them; `fs` answers the kernel (`inodes`: the inode
 //! table; `restore`: rebuilding it after a restart); `journal` and `handoff` survive restarts.
 
+pub mod auth_socket;
 mod background;
 mod context;
 pub mod fs;
@@ -173,6 +174,11 @@ pub fn serve(ctx: Arc<StoreContext>, mountpoint: &Path, opts: &ServeOptions) -> 
         Some(s) => s,
         None => mount(&ctx, mountpoint, opts.threads, paths.as_ref())?,
     };
+    if let Some(p) = &paths {
+        if let Err(e) = auth_socket::listen(&p.auth, &ctx.runtime) {
+            tracing::warn!("{e:#}: podman cannot hand credentials over to this store");
+        }
+    }
     tracing::info!("serving at {}", mountpoint.display());
     notify_ready();
     let handover = ctx.runtime.block_on(async {
@@ -206,6 +212,7 @@ pub fn serve(ctx: Arc<StoreContext>, mountpoint: &Path, opts: &ServeOptions) -> 
     if let Some(p) = &paths {
         handoff::release(&p.socket);
         let _ = std::fs::remove_file(&p.journal);
+        let _ = std::fs::remove_file(&p.auth);
     }
     Ok(())
 }

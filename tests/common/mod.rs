@@ -301,6 +301,8 @@ pub fn fixtures() -> PathBuf {
         })
 }
 
+pub mod chroot;
+pub mod daemon;
 pub mod servers;
 
 /// A gzip layer of a few MB with its zTOC (256 KiB spans) and the files it holds.

@@ -8,6 +8,8 @@ pub struct Podman {
     dir: tempfile::TempDir,
     /// Extra `--storage-opt` values (e.g. an additional layer store).
     pub storage_opts: Vec<String>,
+    /// Extra `pull` arguments of [`Self::listing`] (e.g. `--authfile FILE`).
+    pub pull_args: Vec<String>,
 }
 
 impl Podman {
@@ -23,6 +25,7 @@ impl Podman {
         Podman {
             dir,
             storage_opts: Vec::new(),
+            pull_args: Vec::new(),
         }
     }
 
@@ -87,7 +90,10 @@ impl Podman {
     /// Pulls `image` and lists its files with their sha256, modes and owners (from inside a
     /// container).
     pub fn listing(&self, image: &str) -> String {
-        self.run(&["pull", "-q", "--tls-verify=false", image]);
+        let mut pull = vec!["pull", "-q", "--tls-verify=false"];
+        pull.extend(self.pull_args.iter().map(String::as_str));
+        pull.push(image);
+        self.run(&pull);
         let out = self.run(&[
             "run",
             "--rm",

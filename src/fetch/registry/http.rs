@@ -31,7 +31,7 @@ pub struct RegistryClient {
     creds: CredentialStore,
     /// Bearer tokens per "host/repository", with expiry.
     tokens: Mutex<HashMap<String, (String, Instant)>>,
-    /// Basic credentials per host, once a registry asked for them.
+    /// Basic credentials per "host/repository", once a registry asked for them.
     basic: Mutex<HashMap<String, Credentials>>,
     /// Redirect targets per blob digest, with expiry.
     redirects: Mutex<HashMap<String, (reqwest::Url, Instant)>>,
@@ -203,7 +203,7 @@ impl RegistryClient {
                 return Some(format!("Bearer {tok}"));
             }
         }
-        Self::lock(&self.basic).get(&r.registry).map(|c| {
+        Self::lock(&self.basic).get(&key).map(|c| {
             let raw = format!("{}:{}", c.username, c.password);
             format!(
                 "Basic {}",
@@ -238,7 +238,7 @@ impl RegistryClient {
                         r.registry
                     ))
                 })?;
-                Self::lock(&self.basic).insert(r.registry.clone(), c);
+                Self::lock(&self.basic).insert(format!("{}/{}", r.registry, r.repository), c);
                 Ok(())
             }
             "bearer" => {
@@ -256,14 +256,40 @@ impl RegistryClient {
                     }
                     q.append_pair("scope", params.get("scope").unwrap_or(&scope));
                 }
-                let mut req = self.http.get(url.clone()).timeout(
-                    retry
-                        .remaining()
-                        .min(Duration::from_secs_f64(self.opts.request_timeout)),
-                );
-                if let Some(c) = &creds {
-                    req = req.basic_auth(&c.username, Some(&c.password));
+                let timeout = retry
+                    .remaining()
+                    .min(Duration::from_secs_f64(self.opts.request_timeout));
+                let req = match &creds {
+                    // OAuth2: an identity token is a refresh token, traded by POST.
+                    Some(c) if c.identity_token().is_some() => {
+                        let mut form = reqwest::Url::parse("form:").expect("static URL");
+                        {
+                            let mut f = form.query_pairs_mut();
+                            f.append_pair("grant_type", "refresh_token");
+                            f.append_pair("refresh_token", &c.password);
+                            f.append_pair("client_id", "soci-store");
+                            for (k, v) in url.query_pairs() {
+                                f.append_pair(&k, &v);
+                            }
+                        }
+                        let mut post = url.clone();
+                        post.set_query(None);
+                        url = post.clone();
+                        self.http
+                            .post(post)
+                            .header(
+                                reqwest::header::CONTENT_TYPE,
+                                "application/x-www-form-urlencoded",
+                            )
+                            .body(form.query().unwrap_or("").to_string())
+                    }
+                    Some(c) => self
+                        .http
+                        .get(url.clone())
+                        .basic_auth(&c.username, Some(&c.password)),
+                    None => self.http.get(url.clone()),
                 }
+                .timeout(timeout);
                 let resp = req.send().await.map_err(transport_error)?;
                 if !resp.status().is_success() {
                     return Err(FetchError::Unauthorized(format!(
