@@ -110,7 +110,7 @@ fn default_disk_bytes() -> u64 {
 }
 
 fn default_cache_path() -> PathBuf {
-    PathBuf::from("/var/cache/soci-store")
+    crate::paths::cache()
 }
 
 impl BackendRegistry {

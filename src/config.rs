@@ -1,8 +1,10 @@
 //! The configuration file: which fetchers (in order) and which cache, with per-backend options.
 //!
-//! Sources, later ones winning: built-in defaults, `/etc/soci-store/config.toml` (or `--config`),
-//! and environment variables `SOCI_STORE_<KEY>` with `__` between levels (e.g.
-//! `SOCI_STORE_CACHE__TYPE=memory`).
+//! Sources, later ones winning: built-in defaults, `/etc/soci-store/config.toml` (a user's
+//! `$XDG_CONFIG_HOME/soci-store/config.toml`, see [`crate::paths`]; or `--config`), and
+//! environment variables `SOCI_STORE_<KEY>` with `__` between levels (e.g.
+//! `SOCI_STORE_CACHE__TYPE=memory`). Default paths are the system's for root and the user's XDG
+//! directories for everyone else.
 
 use std::path::{Path, PathBuf};
 
@@ -10,8 +12,11 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Deserializer, Serialize};
 
-/// Where the configuration is read from unless `--config` says otherwise.
-pub const DEFAULT_CONFIG_PATH: &str = "/etc/soci-store/config.toml";
+/// Where the configuration is read from unless `--config` says otherwise:
+/// `/etc/soci-store/config.toml`, or `$XDG_CONFIG_HOME/soci-store/config.toml` for a user.
+pub fn default_config_path() -> PathBuf {
+    crate::paths::config_file()
+}
 
 /// A backend selected by `type`, with its own options.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -66,7 +71,7 @@ pub struct Config {
 }
 
 fn default_local_files() -> PathBuf {
-    PathBuf::from("/var/lib/soci-store/files")
+    crate::paths::data("files")
 }
 
 fn default_local_files_bytes() -> u64 {
@@ -74,19 +79,19 @@ fn default_local_files_bytes() -> u64 {
 }
 
 fn default_state_dir() -> PathBuf {
-    PathBuf::from("/run/soci-store")
+    crate::paths::runtime()
 }
 
 fn default_artifacts() -> PathBuf {
-    PathBuf::from("/var/lib/soci-store/artifacts")
+    crate::paths::data("artifacts")
 }
 
 fn default_fetchers() -> Vec<BackendConfig> {
     vec![BackendConfig::new("registry")]
 }
 
-/// `tiered`: 512 MiB in memory over 20 GiB in /var/cache/soci-store (the backend's defaults for
-/// options not given).
+/// `tiered`: 512 MiB in memory over 20 GiB in /var/cache/soci-store (a user's
+/// `$XDG_CACHE_HOME/soci-store`; the backend's defaults for options not given).
 fn default_cache() -> BackendConfig {
     BackendConfig::new("tiered")
 }
@@ -122,10 +127,12 @@ impl Config {
         match path {
             Some(p) if !p.exists() => return Err(ConfigError::Missing(p.to_path_buf())),
             Some(p) => fig = fig.merge(Toml::file_exact(p)),
-            None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
-                fig = fig.merge(Toml::file_exact(DEFAULT_CONFIG_PATH))
+            None => {
+                let default = default_config_path();
+                if default.exists() {
+                    fig = fig.merge(Toml::file_exact(default))
+                }
             }
-            None => {}
         }
         fig = fig.merge(Env::prefixed("SOCI_STORE_").ignore(&["log"]).split("__"));
         let config: Config = fig.extract().map_err(|e| {

@@ -25,6 +25,7 @@ pub mod config;
 pub mod digest;
 pub mod fetch;
 pub mod index;
+pub mod paths;
 pub mod reference;
 pub mod report;
 pub mod spans;

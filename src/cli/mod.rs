@@ -20,7 +20,8 @@ use crate::config::Config;
 #[derive(Parser, Debug)]
 #[command(name = "soci-store", version, about)]
 pub(crate) struct Cli {
-    /// Configuration file (default: /etc/soci-store/config.toml when it exists).
+    /// Configuration file (default, when it exists: /etc/soci-store/config.toml, or for a user
+    /// who is not root $XDG_CONFIG_HOME/soci-store/config.toml).
     #[arg(long, global = true)]
     config: Option<PathBuf>,
     #[command(subcommand)]

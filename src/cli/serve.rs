@@ -43,6 +43,11 @@ pub struct ServeArgs {
 
 impl ServeArgs {
     pub fn run(self, ctx: &CliContext) -> Result<()> {
+        // First, while the process has one thread: a user's store serves that user's rootless
+        // podman, from inside its namespaces (unless started there, by `podman unshare`).
+        if crate::paths::host_user().is_some() && !crate::paths::in_user_namespace() {
+            store::rootless::join_podman()?;
+        }
         let config = ctx.config()?;
         let mut spans = ctx.backends.build_span_store(&config)?;
         if let Some(path) = &self.trace {

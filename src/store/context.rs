@@ -84,6 +84,8 @@ pub struct StoreContext {
     /// Serve local copies with FUSE passthrough when the kernel allows it.
     pub passthrough: bool,
     pub stats: Arc<super::metrics::StoreStats>,
+    /// The user namespace's id maps when the store runs in one (rootless podman).
+    id_maps: Option<crate::paths::IdMaps>,
     images: Memo<String, Arc<ImageInfo>>,
     /// Served layers by (reference, compressed layer digest): one resolution per layer whichever
     /// digest podman asks by.
@@ -158,6 +160,7 @@ impl StoreContext {
             local: None,
             passthrough: true,
             stats: Arc::default(),
+            id_maps: crate::paths::IdMaps::current(),
             images: Mutex::default(),
             layers: Mutex::default(),
             aliases: Mutex::default(),
@@ -444,6 +447,11 @@ impl StoreContext {
                 zdesc.digest, ztoc.compressed_size, layer_desc.size
             )));
         }
+        let tree = LayerTree::build(&ztoc);
+        if let Some(maps) = &self.id_maps {
+            maps.check(tree.nodes.iter().map(|n| (n.uid, n.gid)))
+                .map_err(|why| mismatch(format!("layer {}: {why}", layer_desc.digest)))?;
+        }
         let blob = BlobLocator::new(image.reference.clone(), &layer_desc.digest);
         let diff_size = self.diff_size(&blob, &ztoc).await;
         let info =
@@ -455,7 +463,7 @@ impl StoreContext {
             blob,
             ztoc_digest: zdesc.digest.clone(),
             ztoc_size: zdesc.size,
-            tree: LayerTree::build(&ztoc),
+            tree,
             ztoc,
             info,
             blob_size: layer_desc.size,

@@ -142,7 +142,11 @@ impl Filesystem for StoreFs {
         let abi = config.kernel_abi();
         let caps = config.capabilities().bits();
         *self.kernel.lock().unwrap_or_else(|p| p.into_inner()) = Some(((abi.0, abi.1), caps));
-        if self.ctx.passthrough && self.ctx.local.is_some() {
+        if self.ctx.passthrough && self.ctx.local.is_some() && crate::paths::in_user_namespace() {
+            tracing::info!(
+                "FUSE passthrough needs CAP_SYS_ADMIN on the host and this store runs in a user namespace: local copies are read through the daemon"
+            );
+        } else if self.ctx.passthrough && self.ctx.local.is_some() {
             // Depth 1: the store stays stackable under podman's overlay mounts.
             let granted = config
                 .add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH)

@@ -16,6 +16,7 @@ pub mod local;
 pub mod metrics;
 mod open_files;
 mod restore;
+pub mod rootless;
 pub mod tree;
 
 use std::io::Write;
@@ -181,15 +182,26 @@ pub fn serve(ctx: Arc<StoreContext>, mountpoint: &Path, opts: &ServeOptions) -> 
     }
     tracing::info!("serving at {}", mountpoint.display());
     notify_ready();
+    let mut namespace_gone = None;
     let handover = ctx.runtime.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut usr1 = signal(SignalKind::user_defined1())?;
+        let gone = async {
+            match rootless::namespace_gone() {
+                Some(f) => f.await,
+                None => std::future::pending().await,
+            }
+        };
         let handover = tokio::select! {
             _ = term.recv() => false,
             _ = int.recv() => false,
             _ = usr1.recv() => true,
+            why = gone => {
+                namespace_gone = Some(why);
+                false
+            }
         };
         Ok::<_, std::io::Error>(handover)
     })?;
@@ -214,7 +226,10 @@ pub fn serve(ctx: Arc<StoreContext>, mountpoint: &Path, opts: &ServeOptions) -> 
         let _ = std::fs::remove_file(&p.journal);
         let _ = std::fs::remove_file(&p.auth);
     }
-    Ok(())
+    match namespace_gone {
+        Some(why) => bail!("{why}"),
+        None => Ok(()),
+    }
 }
 
 fn create_state_dir(dir: &Path) -> Result<()> {
@@ -247,8 +262,23 @@ fn mount(
         fs = fs.with_journal(j.clone());
     }
     let kernel = fs.kernel_handshake();
-    let session = fuser::Session::new(fs, mountpoint, &fuse_config(threads))
-        .with_context(|| format!("mounting the store at {}", mountpoint.display()))?;
+    let session = fuser::Session::new(fs, mountpoint, &fuse_config(threads)).map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::PermissionDenied
+            && std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/fuse")
+                .is_err()
+        {
+            " (this user cannot open /dev/fuse: it must be mode 0666, as Debian makes it, for a store run by a user; see docs/rootless.md)"
+        } else {
+            ""
+        };
+        anyhow::Error::new(e).context(format!(
+            "mounting the store at {}{hint}",
+            mountpoint.display()
+        ))
+    })?;
     if let (Some(p), Some(j)) = (paths, &journal) {
         let kept = (|| {
             let (abi, capabilities) = kernel

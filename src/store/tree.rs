@@ -176,6 +176,17 @@ impl LayerTree {
             };
             t.insert(parent, base.to_vec(), node);
         }
+        // A directory's links: its name, its ".", and each subdirectory's "..".
+        for i in 0..t.nodes.len() {
+            if t.nodes[i].kind == NodeKind::Dir {
+                let subdirs = t.nodes[i]
+                    .children
+                    .values()
+                    .filter(|&&c| t.nodes[c].kind == NodeKind::Dir)
+                    .count();
+                t.nodes[i].nlink = 2 + subdirs as u32;
+            }
+        }
         t
     }
 
@@ -262,6 +273,9 @@ mod tests {
         let f = t.lookup_path(b"a/f").unwrap();
         assert_eq!(t.lookup_path(b"a/h"), Some(f), "hardlinks share a node");
         assert_eq!(t.nodes[f].nlink, 2);
+        // Directories: 2 plus one per subdirectory (each one's "..").
+        assert_eq!(t.nodes[0].nlink, 4, "the root holds a and o");
+        assert_eq!(t.nodes[t.lookup_path(b"a").unwrap()].nlink, 2);
         assert_eq!(
             t.nodes[t.lookup_path(b"a/gone").unwrap()].kind,
             NodeKind::Whiteout

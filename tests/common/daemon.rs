@@ -114,6 +114,8 @@ impl Daemon {
             .map(|d| {
                 d.filter_map(|e| e.ok().map(|e| e.path()))
                     .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+                    // Not the credential hand-off socket.
+                    .filter(|p| !p.to_string_lossy().ends_with(".auth.sock"))
                     .collect()
             })
             .unwrap_or_default()

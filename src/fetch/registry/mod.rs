@@ -45,7 +45,7 @@ impl Default for RegistryOptions {
     fn default() -> Self {
         RegistryOptions {
             insecure: Vec::new(),
-            registries_conf: Some(PathBuf::from("/etc/containers/registries.conf")),
+            registries_conf: Some(crate::paths::registries_conf()),
             auth_files: None,
             request_timeout: 30.0,
             deadline: 60.0,

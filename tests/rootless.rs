@@ -1,0 +1,436 @@
+//! Rootless podman through the store, as docs/rootless.md sets it up: a real non-root user (made
+//! by `.ci/run` with `useradd`, subordinate ids as useradd gives them), the host's podman 4.3.1
+//! run by that user, the store started by the user exactly as `config/soci-store-user.service`
+//! starts it (it joins podman's user and mount namespaces itself), the user's storage.conf from
+//! `config/storage-rootless.conf`, and every soci-store path at its default for a user (XDG).
+//! Each test has its own home and runtime directory (so its own podman pause process), removed
+//! afterwards.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::podman::LIST_FILES;
+use common::servers::{registry, sha256_digest, Pusher, RegistryOpts, Server};
+use common::*;
+
+/// The user `.ci/run` makes (`SOCI_ROOTLESS_USER` names another).
+fn user() -> String {
+    let name = std::env::var("SOCI_ROOTLESS_USER").unwrap_or_else(|_| "soci-rootless".into());
+    let out = Command::new("id").arg("-u").arg(&name).output().unwrap();
+    assert!(
+        out.status.success(),
+        "no user {name}: .ci/run makes it (useradd -m {name})"
+    );
+    name
+}
+
+/// One rootless podman "login": the user with its own home and runtime directory.
+struct Session {
+    user: String,
+    dir: tempfile::TempDir,
+}
+
+impl Session {
+    /// A fresh home (containers.conf for these machines, and `storage` as the user's
+    /// storage.conf when given) and runtime directory, owned by the user.
+    fn new(storage: Option<&str>) -> Session {
+        let user = user();
+        let dir = tempfile::Builder::new()
+            .prefix("soci-rootless-")
+            .tempdir()
+            .unwrap();
+        let s = Session { user, dir };
+        let conf = s.home().join(".config/containers");
+        std::fs::create_dir_all(&conf).unwrap();
+        // These machines have a low fd hard limit and no systemd: podman's defaults fail.
+        std::fs::write(
+            conf.join("containers.conf"),
+            "[containers]\ndefault_ulimits = [\"nofile=1024:4096\", \"nproc=1024:4096\"]\nnetns = \"none\"\n\
+             [engine]\nruntime = \"runc\"\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\n",
+        )
+        .unwrap();
+        if let Some(text) = storage {
+            std::fs::write(conf.join("storage.conf"), text).unwrap();
+        }
+        std::fs::create_dir_all(s.runtime()).unwrap();
+        let ok = Command::new("chown")
+            .arg("-R")
+            .arg(format!("{0}:{0}", s.user))
+            .arg(s.dir.path())
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        std::fs::set_permissions(s.runtime(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        s
+    }
+
+    fn home(&self) -> PathBuf {
+        self.dir.path().join("home")
+    }
+
+    fn runtime(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    /// `program` run by the user, with only this session's environment.
+    fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("runuser");
+        c.args(["-u", &self.user, "--", "env", "-i"])
+            .arg(format!("HOME={}", self.home().display()))
+            .arg("PATH=/usr/local/bin:/usr/bin:/bin")
+            .arg(format!("XDG_RUNTIME_DIR={}", self.runtime().display()))
+            .arg("PODMAN_IGNORE_CGROUPSV1_WARNING=1")
+            .arg(program)
+            .current_dir(self.dir.path());
+        c
+    }
+
+    /// Rootless podman; panics with its output on failure.
+    fn podman(&self, args: &[&str]) -> Output {
+        let out = self.command("podman").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "rootless podman {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// Pulls `image` and lists its files from inside a container (as `Podman::listing`).
+    fn listing(&self, image: &str) -> String {
+        self.podman(&["pull", "-q", "--tls-verify=false", image]);
+        self.run_listing(image)
+    }
+
+    fn run_listing(&self, image: &str) -> String {
+        let out = self.podman(&[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            image,
+            "/bin/busybox",
+            "sh",
+            "-c",
+            LIST_FILES,
+        ]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The store, started by the user with the shipped user unit's `ExecStart`.
+    fn start_store(&self) -> Store {
+        let unit = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("config/soci-store-user.service"),
+        )
+        .unwrap();
+        let exec = unit
+            .lines()
+            .find_map(|l| l.strip_prefix("ExecStart="))
+            .expect("ExecStart in the user unit");
+        let mut words = exec.split_whitespace().map(|w| {
+            w.replace("%h", self.home().to_str().unwrap()).replace(
+                "/usr/local/bin/soci-store",
+                env!("CARGO_BIN_EXE_soci-store"),
+            )
+        });
+        let program = words.next().unwrap();
+        let args: Vec<String> = words.collect();
+        let mnt = PathBuf::from(args.last().unwrap());
+        let log = self.dir.path().join(format!(
+            "store-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let notify_path = log.with_extension("notify");
+        let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+        // The store, running as the user, must be able to send to it (systemd's is open too).
+        std::fs::set_permissions(&notify_path, std::fs::Permissions::from_mode(0o777)).unwrap();
+        notify
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let f = std::fs::File::create(&log).unwrap();
+        let mut c = self.command("env");
+        c.arg(format!("NOTIFY_SOCKET={}", notify_path.display()))
+            .arg("SOCI_STORE_LOG=info")
+            .arg(&program)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f);
+        let mut store = Store {
+            child: c.spawn().unwrap(),
+            mnt,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut buf = [0u8; 64];
+        loop {
+            if let Ok(n) = notify.recv(&mut buf) {
+                if &buf[..n] == b"READY=1" {
+                    return store;
+                }
+            }
+            if let Ok(Some(s)) = store.child.try_wait() {
+                panic!("the rootless store exited with {s}: {}", store.log_text());
+            }
+            assert!(Instant::now() < deadline, "not ready after 60 s");
+        }
+    }
+
+    /// The pid of this session's podman pause process, if it runs.
+    fn pause_pid(&self) -> Option<String> {
+        let pid = std::fs::read_to_string(self.runtime().join("libpod/tmp/pause.pid")).ok()?;
+        let pid = pid.trim().to_string();
+        Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // Containers first (they hold overlay mounts in podman's namespace), then the pause
+        // process, with which that namespace and every mount in it go; then the files.
+        let _ = self
+            .command("podman")
+            .args(["--storage-opt", "", "rm", "-af"])
+            .output();
+        if let Some(pid) = self.pause_pid() {
+            let _ = Command::new("kill").args(["-KILL", &pid]).status();
+        }
+        let _ = Command::new("rm").arg("-rf").arg(self.dir.path()).status();
+    }
+}
+
+/// A store run by the user; stopped on drop.
+struct Store {
+    child: Child,
+    mnt: PathBuf,
+    log: PathBuf,
+}
+
+impl Store {
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM to the store (runuser's child), then the exit status runuser passes on.
+    fn stop(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("pkill")
+            .args(["-TERM", "-f", "--"])
+            .arg(format!("soci-store serve {}$", self.mnt.display()))
+            .status();
+        self.child.wait().unwrap()
+    }
+
+    /// Waits (bounded) for the store to exit by itself.
+    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the store did not exit within {within:?}: {}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.stop();
+        }
+    }
+}
+
+/// The test image in a registry, converted with `soci-store convert` (by root: converting is a
+/// CI job's, not the user's).
+struct Image {
+    reg: Server,
+    _dir: tempfile::TempDir,
+    lazy: String,
+    layer_digests: Vec<String>,
+}
+
+async fn converted(layers: Vec<(Vec<u8>, Vec<u8>)>) -> Image {
+    let reg = registry(RegistryOpts::default());
+    let gz: Vec<Vec<u8>> = layers.iter().map(|(_, g)| g.clone()).collect();
+    let diff_ids: Vec<String> = layers.iter().map(|(t, _)| sha256_digest(t)).collect();
+    let (_, layer_digests) = Pusher::new(&reg)
+        .image("test/app", "v1", &gz, &diff_ids)
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("convert.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "artifacts = \"{}/artifacts\"\n[[fetchers]]\ntype = \"registry\"\ninsecure = [\"{}\"]\nregistries_conf = \"/nonexistent\"\n",
+            dir.path().display(),
+            reg.addr()
+        ),
+    )
+    .unwrap();
+    let lazy = format!("{}/test/app:v1-soci", reg.addr());
+    soci_store_ok(
+        &cfg,
+        &[
+            "convert",
+            "--quiet",
+            &format!("{}/test/app:v1", reg.addr()),
+            &lazy,
+        ],
+    );
+    Image {
+        reg,
+        _dir: dir,
+        lazy,
+        layer_digests,
+    }
+}
+
+/// A session whose podman uses the store (the shipped per-user storage.conf), and whose store
+/// config names only the test registry (everything else at its defaults).
+fn lazy_session(img: &Image) -> Session {
+    let shipped = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/storage-rootless.conf"),
+    )
+    .unwrap();
+    // The home is known only once the session exists: write storage.conf after.
+    let s = Session::new(None);
+    let storage = shipped.replace("/home/USER", s.home().to_str().unwrap());
+    let conf = s.home().join(".config");
+    std::fs::write(conf.join("containers/storage.conf"), storage).unwrap();
+    std::fs::create_dir_all(conf.join("soci-store")).unwrap();
+    std::fs::write(
+        conf.join("soci-store/config.toml"),
+        format!(
+            "[[fetchers]]\ntype = \"registry\"\ninsecure = [\"{}\"]\n",
+            img.reg.addr()
+        ),
+    )
+    .unwrap();
+    let ok = Command::new("chown")
+        .arg("-R")
+        .arg(format!("{0}:{0}", s.user))
+        .arg(&conf)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    s
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rootless_podman_4_runs_lazily_through_a_users_store() {
+    let img = converted(soci_test_image()).await;
+    let plain = Session::new(None).listing(&img.lazy);
+
+    let s = lazy_session(&img);
+    let mut store = s.start_store();
+    let before = img.reg.log_text().len();
+    let listing = s.listing(&img.lazy);
+    // Same files, modes and owners (as seen in the container) as a plain rootless pull,
+    // whiteouts and the opaque directory included.
+    assert_eq!(listing, plain);
+    let log = img.reg.log_text()[before..].to_string();
+    for d in &img.layer_digests[..2] {
+        let whole = log
+            .lines()
+            .filter(|l| l.contains(&format!("/blobs/{d} ")) && l.contains("\" 200 "))
+            .count();
+        assert_eq!(whole, 0, "indexed layer {d} was downloaded whole:\n{log}");
+    }
+    let slog = store.log_text();
+    assert!(
+        slog.contains("joined the namespaces of its pause process"),
+        "{slog}"
+    );
+    assert!(slog.contains(" use"), "podman used the store: {slog}");
+    // Every path at its XDG default: nothing under /var or /run of the host.
+    let artifacts = s.home().join(".local/share/soci-store/artifacts");
+    assert!(
+        std::fs::read_dir(&artifacts).is_ok_and(|mut d| d.next().is_some()),
+        "artifacts in {}",
+        artifacts.display()
+    );
+    assert!(s.runtime().join("soci-store").is_dir());
+
+    // podman's namespaces go (`podman system migrate` stops the pause process): the store
+    // notices and exits with an error, as a supervisor restarting it needs.
+    s.podman(&["--storage-opt", "", "system", "migrate"]);
+    let status = store.wait_exit(Duration::from_secs(30));
+    assert!(!status.success(), "{}", store.log_text());
+    assert!(
+        store.log_text().contains("pause process"),
+        "{}",
+        store.log_text()
+    );
+    // Started again (Restart=always), it joins podman's new namespaces, and the image pulled
+    // lazily runs without a pull.
+    let _store = s.start_store();
+    let before = img.reg.log_text().len();
+    assert_eq!(s.run_listing(&img.lazy), plain);
+    let log = img.reg.log_text()[before..].to_string();
+    assert!(
+        !log.contains("containers/"),
+        "podman did not go to the registry again:\n{log}"
+    );
+}
+
+/// A layer with a file owned by an id outside the user's subordinate range: a plain rootless
+/// pull refuses it, and so does the store (podman then pulls it itself and fails the same way),
+/// rather than showing the file as owned by nobody.
+#[tokio::test(flavor = "multi_thread")]
+async fn rootless_store_refuses_owners_outside_the_users_range() {
+    let mut layers = soci_test_image();
+    // Big enough (10 MiB, `convert`'s default threshold) to be indexed.
+    let data = random_bytes(11 << 20, 70);
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o644);
+    h.set_size(data.len() as u64);
+    h.set_mtime(1_700_000_000);
+    h.set_uid(70000);
+    h.set_gid(70000);
+    let mut t = TarWriter::new();
+    t.raw(&mut h, "far-away.bin", &data);
+    let (tar, _) = t.finish();
+    let gz = gzip(&tar, 6, 1);
+    layers.insert(0, (tar, gz));
+    let img = converted(layers).await;
+
+    let plain = Session::new(None);
+    let out = plain
+        .command("podman")
+        .args(["pull", "-q", "--tls-verify=false", &img.lazy])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a plain rootless pull refuses it");
+
+    let s = lazy_session(&img);
+    let store = s.start_store();
+    let out = s
+        .command("podman")
+        .args(["pull", "-q", "--tls-verify=false", &img.lazy])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let slog = store.log_text();
+    assert!(
+        slog.contains("owned by uid 70000, which this user namespace does not map"),
+        "{slog}"
+    );
+}
