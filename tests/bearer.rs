@@ -62,7 +62,9 @@ fn jwt(dir: &Path, scope: &str, ttl: u64) -> String {
     format!("{signing_input}.{}", b64url(&sig.stdout))
 }
 
-/// The token endpoint: Basic alice:s3cret gets a token for the scope asked; counts issues.
+/// The token endpoint: Basic alice:s3cret (GET) or the refresh token `alice-refresh` (an
+/// identity token, POSTed as OAuth2 `grant_type=refresh_token`) gets a token for the scope
+/// asked; counts issues.
 async fn token_server(dir: Arc<tempfile::TempDir>, issued: Arc<AtomicUsize>, ttl: u64) -> u16 {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = l.local_addr().unwrap().port();
@@ -81,20 +83,49 @@ async fn token_server(dir: Arc<tempfile::TempDir>, issued: Arc<AtomicUsize>, ttl
                         Ok(k) => n += k,
                     }
                 }
-                let head = String::from_utf8_lossy(&buf[..n]).to_string();
+                let end = buf[..n].windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                let head = String::from_utf8_lossy(&buf[..end]).to_string();
                 let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
-                let url = reqwest::Url::parse(&format!("http://x{path}")).unwrap();
-                let scope = url
-                    .query_pairs()
-                    .find(|(k, _)| k == "scope")
-                    .map(|(_, v)| v.to_string())
-                    .unwrap_or_default();
+                let mut url = reqwest::Url::parse(&format!("http://x{path}")).unwrap();
+                let post = head.starts_with("POST ");
+                if post {
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().to_string())
+                        })
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                    let mut body = buf[end..n].to_vec();
+                    while body.len() < len {
+                        let mut more = vec![0u8; len - body.len()];
+                        match c.read(&mut more).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => body.extend_from_slice(&more[..k]),
+                        }
+                    }
+                    url.set_query(Some(&String::from_utf8_lossy(&body)));
+                }
+                let param = |name: &str| {
+                    url.query_pairs()
+                        .find(|(k, _)| k == name)
+                        .map(|(_, v)| v.to_string())
+                        .unwrap_or_default()
+                };
+                let scope = param("scope");
                 let good = format!(
                     "authorization: basic {}",
                     base64::engine::general_purpose::STANDARD.encode("alice:s3cret")
                 )
                 .to_lowercase();
-                let authorized = head.to_lowercase().lines().any(|l| l.trim() == good);
+                let authorized = if post {
+                    param("grant_type") == "refresh_token"
+                        && param("refresh_token") == "alice-refresh"
+                } else {
+                    head.to_lowercase().lines().any(|l| l.trim() == good)
+                };
                 let resp = if authorized {
                     issued.fetch_add(1, Ordering::SeqCst);
                     let token = tokio::task::spawn_blocking(move || jwt(dir.path(), &scope, ttl))
@@ -204,6 +235,35 @@ async fn bearer_tokens_from_the_announced_realm() {
     .unwrap();
     assert!(matches!(
         f.read_range(&loc, 0..10).await,
+        Err(FetchError::Unauthorized(_))
+    ));
+
+    // An identity token (docker's `identitytoken`, or one podman hands over) is an OAuth2
+    // refresh token: traded at the realm by POST for a bearer token.
+    let with_token = |token: &str| {
+        let file = dir.path().join(format!("identity-{token}.json"));
+        std::fs::write(
+            &file,
+            serde_json::json!({"auths": {reg.addr(): {"identitytoken": token}}}).to_string(),
+        )
+        .unwrap();
+        RegistryFetcher::new(RegistryOptions {
+            insecure: vec![reg.addr()],
+            registries_conf: None,
+            auth_files: Some(vec![file]),
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    let issued_before = issued.load(Ordering::SeqCst);
+    let got = with_token("alice-refresh")
+        .read_range(&loc, 0..100)
+        .await
+        .unwrap();
+    assert!(got[..] == gz[..100]);
+    assert_eq!(issued.load(Ordering::SeqCst) - issued_before, 1);
+    assert!(matches!(
+        with_token("stale-refresh").read_range(&loc, 0..10).await,
         Err(FetchError::Unauthorized(_))
     ));
 }

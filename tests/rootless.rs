@@ -1,18 +1,20 @@
 //! Rootless podman through the store, as docs/rootless.md sets it up: a real non-root user (made
-//! by `.ci/run` with `useradd`, subordinate ids as useradd gives them), the host's podman 4.3.1
-//! run by that user, the store started by the user exactly as `config/soci-store-user.service`
-//! starts it (it joins podman's user and mount namespaces itself), the user's storage.conf from
-//! `config/storage-rootless.conf`, and every soci-store path at its default for a user (XDG).
-//! Each test has its own home and runtime directory (so its own podman pause process), removed
-//! afterwards.
+//! by `.ci/run` with `useradd`, subordinate ids as useradd gives them), podman run by that user
+//! (the host's 4.3.1, and 5.4.2 in the Debian 13 chroot), the store started by the user exactly
+//! as `config/soci-store-user.service` starts it (it joins podman's user and mount namespaces
+//! itself), the user's storage.conf from `config/storage-rootless.conf`, and every soci-store
+//! path at its default for a user (XDG). Each test has its own home and runtime directory (so
+//! its own podman pause process), removed afterwards.
 
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::chroot::Chroot;
 use common::podman::LIST_FILES;
 use common::servers::{registry, sha256_digest, Pusher, RegistryOpts, Server};
 use common::*;
@@ -28,22 +30,79 @@ fn user() -> String {
     name
 }
 
-/// One rootless podman "login": the user with its own home and runtime directory.
+fn id_of(user: &str, flag: &str) -> String {
+    let out = Command::new("id").arg(flag).arg(user).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The podman 5 chroot as a mount namespace whose root it is: a chrooted process may not make
+/// user namespaces, one whose root was pivoted may. A `sleep` keeps the namespace; every command
+/// enters it with `nsenter`.
+struct Pivot {
+    holder: Child,
+    chroot: Chroot,
+}
+
+impl Pivot {
+    fn enter() -> Arc<Pivot> {
+        let chroot = Chroot::enter();
+        // Its own /dev/shm: podman 4 and 5 of one user name their lock segment alike.
+        let script = "cd \"$0\" && mkdir -p .oldroot && pivot_root . .oldroot && umount -l /.oldroot \
+                      && rmdir /.oldroot && mount -t tmpfs tmpfs /dev/shm && echo ready && exec sleep infinity";
+        let mut holder = Command::new("unshare")
+            .args(["-m", "--propagation", "private", "sh", "-c", script])
+            .arg(&chroot.root)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        use std::io::BufRead;
+        std::io::BufReader::new(holder.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(
+            line.trim(),
+            "ready",
+            "pivoting into {}",
+            chroot.root.display()
+        );
+        Arc::new(Pivot { holder, chroot })
+    }
+}
+
+impl Drop for Pivot {
+    fn drop(&mut self) {
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
+    }
+}
+
+/// One rootless podman "login": the user with its own home and runtime directory, on the host
+/// or in the podman 5 chroot.
 struct Session {
     user: String,
     dir: tempfile::TempDir,
+    pivot: Option<Arc<Pivot>>,
 }
 
 impl Session {
     /// A fresh home (containers.conf for these machines, and `storage` as the user's
     /// storage.conf when given) and runtime directory, owned by the user.
     fn new(storage: Option<&str>) -> Session {
+        Self::new_in(None, storage)
+    }
+
+    fn new_in(pivot: Option<Arc<Pivot>>, storage: Option<&str>) -> Session {
         let user = user();
+        let base = match &pivot {
+            Some(p) => p.chroot.root.join("tmp"),
+            None => std::env::temp_dir(),
+        };
         let dir = tempfile::Builder::new()
             .prefix("soci-rootless-")
-            .tempdir()
+            .tempdir_in(base)
             .unwrap();
-        let s = Session { user, dir };
+        let s = Session { user, dir, pivot };
         let conf = s.home().join(".config/containers");
         std::fs::create_dir_all(&conf).unwrap();
         // These machines have a low fd hard limit and no systemd: podman's defaults fail.
@@ -76,13 +135,54 @@ impl Session {
         self.dir.path().join("run")
     }
 
+    /// `host_path` as the user's commands see it.
+    fn inside(&self, host_path: &Path) -> PathBuf {
+        match &self.pivot {
+            Some(p) => Path::new("/").join(host_path.strip_prefix(&p.chroot.root).unwrap()),
+            None => host_path.to_path_buf(),
+        }
+    }
+
+    /// The soci-store binary, where the user's commands find it.
+    fn store_binary(&self) -> PathBuf {
+        let built = PathBuf::from(env!("CARGO_BIN_EXE_soci-store"));
+        if self.pivot.is_none() {
+            return built;
+        }
+        let copy = self.dir.path().join("soci-store");
+        if !copy.exists() {
+            std::fs::copy(&built, &copy).unwrap();
+        }
+        self.inside(&copy)
+    }
+
     /// `program` run by the user, with only this session's environment.
     fn command(&self, program: &str) -> Command {
-        let mut c = Command::new("runuser");
-        c.args(["-u", &self.user, "--", "env", "-i"])
-            .arg(format!("HOME={}", self.home().display()))
-            .arg("PATH=/usr/local/bin:/usr/bin:/bin")
-            .arg(format!("XDG_RUNTIME_DIR={}", self.runtime().display()))
+        let mut c = match &self.pivot {
+            None => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", &self.user, "--"]);
+                c
+            }
+            Some(p) => {
+                let mut c = Command::new("nsenter");
+                c.arg("-t")
+                    .arg(p.holder.id().to_string())
+                    .args(["-m", "-r", "-w", "-S"])
+                    .arg(id_of(&self.user, "-u"))
+                    .arg("-G")
+                    .arg(id_of(&self.user, "-g"))
+                    .arg("--");
+                c
+            }
+        };
+        c.args(["env", "-i"])
+            .arg(format!("HOME={}", self.inside(&self.home()).display()))
+            .arg("PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
+            .arg(format!(
+                "XDG_RUNTIME_DIR={}",
+                self.inside(&self.runtime()).display()
+            ))
             .arg("PODMAN_IGNORE_CGROUPSV1_WARNING=1")
             .arg(program)
             .current_dir(self.dir.path());
@@ -132,11 +232,11 @@ impl Session {
             .lines()
             .find_map(|l| l.strip_prefix("ExecStart="))
             .expect("ExecStart in the user unit");
+        let home = self.inside(&self.home());
+        let binary = self.store_binary();
         let mut words = exec.split_whitespace().map(|w| {
-            w.replace("%h", self.home().to_str().unwrap()).replace(
-                "/usr/local/bin/soci-store",
-                env!("CARGO_BIN_EXE_soci-store"),
-            )
+            w.replace("%h", home.to_str().unwrap())
+                .replace("/usr/local/bin/soci-store", binary.to_str().unwrap())
         });
         let program = words.next().unwrap();
         let args: Vec<String> = words.collect();
@@ -157,13 +257,16 @@ impl Session {
             .unwrap();
         let f = std::fs::File::create(&log).unwrap();
         let mut c = self.command("env");
-        c.arg(format!("NOTIFY_SOCKET={}", notify_path.display()))
-            .arg("SOCI_STORE_LOG=info")
-            .arg(&program)
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(f.try_clone().unwrap())
-            .stderr(f);
+        c.arg(format!(
+            "NOTIFY_SOCKET={}",
+            self.inside(&notify_path).display()
+        ))
+        .arg("SOCI_STORE_LOG=info")
+        .arg(&program)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(f.try_clone().unwrap())
+        .stderr(f);
         let mut store = Store {
             child: c.spawn().unwrap(),
             mnt,
@@ -300,14 +403,14 @@ async fn converted(layers: Vec<(Vec<u8>, Vec<u8>)>) -> Image {
 
 /// A session whose podman uses the store (the shipped per-user storage.conf), and whose store
 /// config names only the test registry (everything else at its defaults).
-fn lazy_session(img: &Image) -> Session {
+fn lazy_session(img: &Image, pivot: Option<Arc<Pivot>>) -> Session {
     let shipped = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("config/storage-rootless.conf"),
     )
     .unwrap();
     // The home is known only once the session exists: write storage.conf after.
-    let s = Session::new(None);
-    let storage = shipped.replace("/home/USER", s.home().to_str().unwrap());
+    let s = Session::new_in(pivot, None);
+    let storage = shipped.replace("/home/USER", s.inside(&s.home()).to_str().unwrap());
     let conf = s.home().join(".config");
     std::fs::write(conf.join("containers/storage.conf"), storage).unwrap();
     std::fs::create_dir_all(conf.join("soci-store")).unwrap();
@@ -331,10 +434,21 @@ fn lazy_session(img: &Image) -> Session {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn rootless_podman_4_runs_lazily_through_a_users_store() {
-    let img = converted(soci_test_image()).await;
-    let plain = Session::new(None).listing(&img.lazy);
+    runs_lazily_through_a_users_store(None).await;
+}
 
-    let s = lazy_session(&img);
+#[tokio::test(flavor = "multi_thread")]
+async fn rootless_podman_5_runs_lazily_through_a_users_store() {
+    runs_lazily_through_a_users_store(Some(Pivot::enter())).await;
+}
+
+/// A plain rootless pull and a lazy one list the same; the store notices podman's namespaces
+/// going, and started again serves the image pulled before.
+async fn runs_lazily_through_a_users_store(pivot: Option<Arc<Pivot>>) {
+    let img = converted(soci_test_image()).await;
+    let plain = Session::new_in(pivot.clone(), None).listing(&img.lazy);
+
+    let s = lazy_session(&img, pivot);
     let mut store = s.start_store();
     let before = img.reg.log_text().len();
     let listing = s.listing(&img.lazy);
@@ -416,7 +530,7 @@ async fn rootless_store_refuses_owners_outside_the_users_range() {
         .unwrap();
     assert!(!out.status.success(), "a plain rootless pull refuses it");
 
-    let s = lazy_session(&img);
+    let s = lazy_session(&img, None);
     let store = s.start_store();
     let out = s
         .command("podman")
