@@ -571,7 +571,7 @@ async fn background_fetch_gives_way_to_waiting_readers() {
 
 /// The forky chroot with podman 5.8 (containers/storage 1.62), the store mounted in it and the test
 /// image pulled through it; returns the image reference.
-fn podman_58_pulled(env: &Env) -> (Chroot, Daemon, String) {
+fn podman58_pulled(env: &Env) -> (Chroot, Daemon, String) {
     let chroot = Chroot::enter_at(
         "SOCI_PODMAN58_ROOT",
         "/var/cache/soci-store-ci/forky",
@@ -585,7 +585,7 @@ fn podman_58_pulled(env: &Env) -> (Chroot, Daemon, String) {
 }
 
 /// `podman run` of the test image's file listing in the chroot.
-fn podman_58_run(chroot: &Chroot, image: &str) -> std::process::Output {
+fn podman58_run(chroot: &Chroot, image: &str) -> std::process::Output {
     chroot.podman(&[
         "run",
         "--rm",
@@ -602,15 +602,15 @@ fn podman_58_run(chroot: &Chroot, image: &str) -> std::process::Output {
 
 /// podman 5.8 pulls and runs lazily, and every later podman command still runs the image lazily.
 /// (With containers/storage >= 1.58 a later command finds no record of the layers taken from the
-/// store and pulls again, through the store: see [`podman_58_keeps_the_lazily_pulled_image`].)
+/// store and pulls again, through the store: see [`podman58_keeps_the_lazily_pulled_image`].)
 #[tokio::test(flavor = "multi_thread")]
-async fn podman_58_pulls_and_runs_lazily_through_the_store() {
+async fn podman58_pulls_and_runs_lazily_through_the_store() {
     let env = setup().await;
     let plain = Podman::new().listing(&format!("{}/test/app:v1", env.reg.addr()));
     let log_before = env.reg.log_text().len();
-    let (chroot, daemon, image) = podman_58_pulled(&env);
+    let (chroot, daemon, image) = podman58_pulled(&env);
     for _ in 0..2 {
-        let out = podman_58_run(&chroot, &image);
+        let out = podman58_run(&chroot, &image);
         assert_eq!(String::from_utf8_lossy(&out.stdout), plain);
     }
     let log = env.reg.log_text()[log_before..].to_string();
@@ -626,10 +626,10 @@ async fn podman_58_pulls_and_runs_lazily_through_the_store() {
 /// ("exists in local storage but may be corrupted") and pulls again.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "containers/storage >= 1.58 (podman >= 5.5) never saves layers taken from an additional layer store"]
-async fn podman_58_keeps_the_lazily_pulled_image() {
+async fn podman58_keeps_the_lazily_pulled_image() {
     let env = setup().await;
     let plain = Podman::new().listing(&format!("{}/test/app:v1", env.reg.addr()));
-    let (chroot, _daemon, image) = podman_58_pulled(&env);
+    let (chroot, _daemon, image) = podman58_pulled(&env);
     let images = chroot.podman(&["images", "--format", "{{.Repository}}:{{.Tag}}"]);
     assert!(
         String::from_utf8_lossy(&images.stdout)
@@ -649,7 +649,7 @@ async fn podman_58_keeps_the_lazily_pulled_image() {
     assert_eq!(layers, env.diff_ids);
 
     let log_before = env.reg.log_text().len();
-    let out = podman_58_run(&chroot, &image);
+    let out = podman58_run(&chroot, &image);
     assert_eq!(String::from_utf8_lossy(&out.stdout), plain);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
