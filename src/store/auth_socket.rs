@@ -32,8 +32,14 @@ pub fn listen(path: &Path, runtime: &tokio::runtime::Handle) -> Result<()> {
     };
     runtime.spawn(async move {
         loop {
-            let Ok((conn, _)) = listener.accept().await else {
-                continue;
+            let conn = match listener.accept().await {
+                Ok((conn, _)) => conn,
+                Err(e) => {
+                    // Out of descriptors, say: do not spin on it.
+                    tracing::warn!("credential hand-off socket: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
             };
             tokio::spawn(async move {
                 if let Err(e) = tokio::time::timeout(TIMEOUT, answer(conn)).await {
