@@ -19,6 +19,7 @@ pub use bytes;
 
 pub mod backends;
 pub mod cache;
+pub mod chunked;
 #[cfg(feature = "daemon")]
 pub mod cli;
 pub mod config;
