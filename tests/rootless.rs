@@ -366,18 +366,32 @@ struct Image {
 }
 
 async fn converted(layers: Vec<(Vec<u8>, Vec<u8>)>) -> Image {
-    let reg = registry(RegistryOpts::default());
+    converted_in(registry(RegistryOpts::default()), None, layers).await
+}
+
+/// [`converted`] in `reg`, which wants `auth` (user, password) when given.
+async fn converted_in(
+    reg: Server,
+    auth: Option<(&str, &str)>,
+    layers: Vec<(Vec<u8>, Vec<u8>)>,
+) -> Image {
     let gz: Vec<Vec<u8>> = layers.iter().map(|(_, g)| g.clone()).collect();
     let diff_ids: Vec<String> = layers.iter().map(|(t, _)| sha256_digest(t)).collect();
-    let (_, layer_digests) = Pusher::new(&reg)
-        .image("test/app", "v1", &gz, &diff_ids)
-        .await;
+    let mut pusher = Pusher::new(&reg);
+    pusher.auth = auth.map(|(u, p)| (u.to_string(), p.to_string()));
+    let (_, layer_digests) = pusher.image("test/app", "v1", &gz, &diff_ids).await;
     let dir = tempfile::tempdir().unwrap();
+    let mut auth_files = String::new();
+    if let Some((u, p)) = auth {
+        let file = dir.path().join("auth.json");
+        write_auth_file(&file, &reg.addr(), u, p);
+        auth_files = format!("auth_files = [\"{}\"]\n", file.display());
+    }
     let cfg = dir.path().join("convert.toml");
     std::fs::write(
         &cfg,
         format!(
-            "artifacts = \"{}/artifacts\"\n[[fetchers]]\ntype = \"registry\"\ninsecure = [\"{}\"]\nregistries_conf = \"/nonexistent\"\n",
+            "artifacts = \"{}/artifacts\"\n[[fetchers]]\ntype = \"registry\"\ninsecure = [\"{}\"]\nregistries_conf = \"/nonexistent\"\n{auth_files}",
             dir.path().display(),
             reg.addr()
         ),
@@ -401,9 +415,25 @@ async fn converted(layers: Vec<(Vec<u8>, Vec<u8>)>) -> Image {
     }
 }
 
+/// An auth file (podman's format) with `user:password` for `registry`.
+fn write_auth_file(path: &Path, registry: &str, user: &str, password: &str) {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    std::fs::write(
+        path,
+        serde_json::json!({"auths": {registry: {"auth": b64}}}).to_string(),
+    )
+    .unwrap();
+}
+
 /// A session whose podman uses the store (the shipped per-user storage.conf), and whose store
 /// config names only the test registry (everything else at its defaults).
 fn lazy_session(img: &Image, pivot: Option<Arc<Pivot>>) -> Session {
+    lazy_session_with(img, pivot, "")
+}
+
+/// [`lazy_session`] with more store config (`registry` fetcher options).
+fn lazy_session_with(img: &Image, pivot: Option<Arc<Pivot>>, fetcher_extra: &str) -> Session {
     let shipped = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("config/storage-rootless.conf"),
     )
@@ -417,7 +447,7 @@ fn lazy_session(img: &Image, pivot: Option<Arc<Pivot>>) -> Session {
     std::fs::write(
         conf.join("soci-store/config.toml"),
         format!(
-            "[[fetchers]]\ntype = \"registry\"\ninsecure = [\"{}\"]\n",
+            "[[fetchers]]\ntype = \"registry\"\ninsecure = [\"{}\"]\n{fetcher_extra}",
             img.reg.addr()
         ),
     )
@@ -546,5 +576,93 @@ async fn rootless_store_refuses_owners_outside_the_users_range() {
     assert!(
         slog.contains("owned by uid 70000, which this user namespace does not map"),
         "{slog}"
+    );
+}
+
+/// Rootless podman 5 hands the credentials of a pull (from an auth file given to that pull only)
+/// to the user's store through `soci-store-auth-helper`, named in the user's registries.conf.d
+/// as `config/registries.conf.d/50-soci-store.conf` names it; the store has none of its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn rootless_auth_helper_hands_credentials_to_a_users_store() {
+    let (user, password) = ("carol", "rootless-pw");
+    let reg = registry(RegistryOpts {
+        htpasswd: Some((user.into(), password.into())),
+        ..Default::default()
+    });
+    let img = converted_in(reg, Some((user, password)), soci_test_image()).await;
+    let pivot = Pivot::enter();
+    let s = lazy_session_with(&img, Some(pivot), "auth_files = []\n");
+    // The helper where the user's podman runs it, named as the shipped drop-in names it.
+    let helper = s.dir.path().join("soci-store-auth-helper");
+    std::fs::copy(env!("CARGO_BIN_EXE_soci-store-auth-helper"), &helper).unwrap();
+    let shipped = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/registries.conf.d/50-soci-store.conf"),
+    )
+    .unwrap();
+    let dropins = s.home().join(".config/containers/registries.conf.d");
+    std::fs::create_dir_all(&dropins).unwrap();
+    std::fs::write(
+        dropins.join("50-soci-store.conf"),
+        shipped.replace(
+            "/usr/local/bin/soci-store-auth-helper",
+            s.inside(&helper).to_str().unwrap(),
+        ),
+    )
+    .unwrap();
+    let authfile = s.dir.path().join("pull-auth.json");
+    write_auth_file(&authfile, &img.reg.addr(), user, password);
+    let ok = Command::new("chown")
+        .arg("-R")
+        .arg(format!("{0}:{0}", s.user))
+        .arg(s.home().join(".config"))
+        .arg(&authfile)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+
+    let store = s.start_store();
+    let before = img.reg.log_text().len();
+    s.podman(&[
+        "pull",
+        "-q",
+        "--tls-verify=false",
+        "--authfile",
+        s.inside(&authfile).to_str().unwrap(),
+        &img.lazy,
+    ]);
+    let log = img.reg.log_text()[before..].to_string();
+    for d in &img.layer_digests[..2] {
+        let whole = log
+            .lines()
+            .filter(|l| l.contains(&format!("/blobs/{d} ")) && l.contains("\" 200 "))
+            .count();
+        assert_eq!(
+            whole,
+            0,
+            "{d} was downloaded whole; the store's log:\n{}",
+            store.log_text()
+        );
+    }
+    let slog = store.log_text();
+    assert!(
+        slog.contains(&format!(
+            "podman handed over credentials for {}/test/app",
+            img.reg.addr()
+        )),
+        "{slog}"
+    );
+    let out = s.podman(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        &img.lazy,
+        "/bin/busybox",
+        "cat",
+        "/etc/hello.txt",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello from the base layer\n"
     );
 }
