@@ -520,7 +520,7 @@ async fn runs_lazily_through_a_users_store(pivot: Option<Arc<Pivot>>) {
     );
     // Started again (Restart=always), it joins podman's new namespaces, and the image pulled
     // lazily runs without a pull.
-    let _store = s.start_store();
+    let mut store = s.start_store();
     let before = img.reg.log_text().len();
     assert_eq!(s.run_listing(&img.lazy), plain);
     let log = img.reg.log_text()[before..].to_string();
@@ -528,6 +528,34 @@ async fn runs_lazily_through_a_users_store(pivot: Option<Arc<Pivot>>) {
         !log.contains("containers/"),
         "podman did not go to the registry again:\n{log}"
     );
+
+    // The store and its FUSE holder both killed: a dead mount, on which podman fails
+    // (docs/rootless.md). Started again, the store replaces it and the image runs.
+    for pattern in [
+        format!("soci-store serve {}$", store.mnt.display()),
+        "soci-store hold-fuse ".to_string() + s.inside(&s.runtime()).to_str().unwrap(),
+    ] {
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-f", "--", &pattern])
+            .status();
+    }
+    let _ = store.wait_exit(Duration::from_secs(30));
+    let dead = s
+        .command("podman")
+        .args([
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            &img.lazy,
+            "/bin/busybox",
+            "true",
+        ])
+        .output()
+        .unwrap();
+    assert!(!dead.status.success(), "podman on a dead mount");
+    let _store = s.start_store();
+    assert_eq!(s.run_listing(&img.lazy), plain);
 }
 
 /// A layer with a file owned by an id outside the user's subordinate range: a plain rootless
