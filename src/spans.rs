@@ -387,9 +387,10 @@ impl SpanStore {
                 crate::ztoc::Window::Remote(r) => r.clone(),
                 crate::ztoc::Window::Inline(w) => return Ok(Bytes::copy_from_slice(w)),
             },
-            crate::ztoc::Compression::Uncompressed { .. } => {
+            crate::ztoc::Compression::Uncompressed { .. }
+            | crate::ztoc::Compression::ZstdChunked { .. } => {
                 return Err(FetchError::Invalid(
-                    "a plain tar layer has no windows".into(),
+                    "only gzip layers have inflate windows".into(),
                 ))
             }
         };

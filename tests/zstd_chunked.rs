@@ -189,3 +189,73 @@ fn zstd_chunked_hostile_annotations_are_refused() {
         Err(ChunkedError::Toc(_))
     ));
 }
+
+/// The layer as a file table with one span per chunk (what the store serves it from): its
+/// entries sit where the tar puts them (from the tar-split data), and every file read through
+/// it, chunk by chunk from the blob, is the tar's.
+#[test]
+fn zstd_chunked_layer_reads_through_its_file_table() {
+    let (blob, annotations, size) = fixture();
+    let layer = ChunkedLayer::from_annotations(&annotations, size)
+        .unwrap()
+        .unwrap();
+    let slice = |r: std::ops::Range<u64>| &blob[r.start as usize..r.end as usize];
+    let toc = layer.decode_toc(slice(layer.toc.range())).unwrap();
+    let files = toc.files(layer.toc.offset).unwrap();
+    let split = layer.tar_split.as_ref().unwrap().range();
+    let layout = soci_store::chunked::tar_layout(&layer, &toc, slice(split.clone())).unwrap();
+    let z = soci_store::chunked::to_ztoc(&files, &layout, size).unwrap();
+
+    let mut tar_bytes = Vec::new();
+    zstd::stream::read::Decoder::new(&blob[..])
+        .unwrap()
+        .read_to_end(&mut tar_bytes)
+        .unwrap();
+    assert_eq!(
+        z.uncompressed_size,
+        tar_bytes.len() as u64,
+        "the tar's size"
+    );
+    let mut a = tar::Archive::new(&tar_bytes[..]);
+    let offsets: Vec<u64> = a
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().raw_file_position())
+        .collect();
+    assert_eq!(
+        z.entries.iter().map(|e| e.offset).collect::<Vec<_>>(),
+        offsets
+    );
+
+    let reader = soci_store::ztoc::LayerReader::new(std::sync::Arc::new(z.clone()), blob.clone());
+    for (i, e) in z.entries.iter().enumerate() {
+        if e.kind != soci_store::ztoc::EntryType::Reg {
+            continue;
+        }
+        let data = reader.read_file(i).unwrap();
+        let at = e.offset as usize;
+        assert!(
+            data == tar_bytes[at..at + e.size as usize],
+            "{}",
+            e.display_name()
+        );
+    }
+    // A tar header lies in no chunk: not readable through the table.
+    assert!(reader.read_range(0..10).is_err());
+
+    // The tar-split data is checked against the TOC's digest.
+    let mut tampered = slice(split).to_vec();
+    tampered[10] ^= 1;
+    assert!(soci_store::chunked::tar_layout(&layer, &toc, &tampered).is_err());
+    // A chunk tampered in the blob fails its digest when read.
+    let mut bad_blob = blob.clone();
+    let c = &files
+        .iter()
+        .find(|f| f.name.ends_with("random.bin"))
+        .unwrap()
+        .chunks[2];
+    bad_blob[c.compressed.start as usize + 20] ^= 0x10;
+    let reader = soci_store::ztoc::LayerReader::new(std::sync::Arc::new(z.clone()), bad_blob);
+    let idx = z.find(b"data/random.bin").unwrap();
+    assert!(reader.read_file(idx).is_err());
+}

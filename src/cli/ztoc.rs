@@ -198,6 +198,7 @@ fn info(path: &Path, json: bool) -> Result<()> {
     let (algo, checkpoints) = match &z.compression {
         Compression::Gzip { checkpoints } => ("gzip", checkpoints.len()),
         Compression::Uncompressed { .. } => ("uncompressed", 0),
+        Compression::ZstdChunked { .. } => ("zstd:chunked", 0),
     };
     let files = z
         .entries

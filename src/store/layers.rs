@@ -44,6 +44,7 @@ pub(super) fn podman_info(
     let compression = match ztoc.compression {
         Compression::Gzip { .. } => 2,
         Compression::Uncompressed { .. } => 0,
+        Compression::ZstdChunked { .. } => 4,
     };
     let info = serde_json::json!({
         "compressed-diff-digest": layer.digest,
@@ -68,6 +69,13 @@ impl StoreContext {
         range: std::ops::Range<u64>,
     ) -> Result<Vec<u8>, Arc<crate::fetch::FetchError>> {
         let z = &layer.ztoc;
+        if let Compression::ZstdChunked { .. } = z.compression {
+            // Its tar headers and metadata frames have no digest of their own to check as they
+            // are read: not served until they can be verified.
+            return Err(Arc::new(crate::fetch::FetchError::Invalid(
+                "the blob of a zstd:chunked layer served lazily is not readable (podman push/save of it): pull the image normally for that".into(),
+            )));
+        }
         let end = range.end.min(layer.blob_size);
         let mut out = Vec::with_capacity(end.saturating_sub(range.start) as usize);
         let mut off = range.start;
@@ -108,9 +116,12 @@ impl StoreContext {
     /// The uncompressed tar size podman records (`diff-size`): the zTOC knows the archive up to
     /// its end blocks; writers may pad after them, which the gzip trailer's ISIZE tells.
     pub(super) async fn diff_size(&self, blob: &BlobLocator, z: &Ztoc) -> u64 {
-        let Compression::Gzip { .. } = z.compression else {
-            return z.compressed_size;
-        };
+        match z.compression {
+            Compression::Gzip { .. } => {}
+            Compression::Uncompressed { .. } => return z.compressed_size,
+            // From the tar-split data: exact.
+            Compression::ZstdChunked { .. } => return z.uncompressed_size,
+        }
         let n = z.compressed_size;
         let Ok(tail) = self
             .fetchers()

@@ -306,6 +306,11 @@ pub fn encode(z: &Ztoc) -> Result<Vec<u8>> {
     let blob = match &z.compression {
         Compression::Gzip { checkpoints } => encode_checkpoints(z.span_size, checkpoints)?,
         Compression::Uncompressed { size } => encode_tar_zinfo(z.span_size, *size),
+        Compression::ZstdChunked { .. } => {
+            return Err(ZtocError::Invalid(
+                "a zstd:chunked layer's file table has no zTOC form".into(),
+            ))
+        }
     };
     Ok(encode_with(z, &blob))
 }
@@ -326,7 +331,8 @@ pub(crate) fn encode_with(z: &Ztoc, blob: &[u8]) -> Vec<u8> {
 
     let algo = match &z.compression {
         Compression::Gzip { .. } => ALGO_GZIP,
-        Compression::Uncompressed { .. } => ALGO_UNCOMPRESSED,
+        // Not reached: `encode` refuses zstd:chunked.
+        Compression::Uncompressed { .. } | Compression::ZstdChunked { .. } => ALGO_UNCOMPRESSED,
     };
     let digests: Vec<_> = z
         .span_digests

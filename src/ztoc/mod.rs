@@ -265,6 +265,18 @@ pub enum Compression {
     Gzip { checkpoints: Vec<Checkpoint> },
     /// A plain tar: spans are fixed `span_size` chunks of `size` bytes.
     Uncompressed { size: u64 },
+    /// zstd:chunked ([`crate::chunked`]): span `i` is one chunk of one file, a zstd frame at
+    /// `spans[i].compressed` of the blob holding tar bytes `spans[i].uncompressed`. Spans need
+    /// not touch (tar headers lie between, in frames of their own), and span digests are of the
+    /// uncompressed bytes (the only digests the format has).
+    ZstdChunked { spans: Vec<ChunkSpan> },
+}
+
+/// Where one chunk of a zstd:chunked layer lies.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkSpan {
+    pub compressed: Range<u64>,
+    pub uncompressed: Range<u64>,
 }
 
 /// A zTOC: the file table and decompression checkpoints of one layer.
@@ -377,6 +389,12 @@ impl Ztoc {
                     digest,
                 }
             }
+            Compression::ZstdChunked { spans } => Span {
+                id,
+                compressed: spans[id].compressed.clone(),
+                uncompressed: spans[id].uncompressed.clone(),
+                digest,
+            },
             Compression::Uncompressed { size } => {
                 let start = id as u64 * self.span_size;
                 let end = if id + 1 == n {
@@ -403,6 +421,11 @@ impl Ztoc {
             Compression::Uncompressed { .. } => {
                 ((offset / self.span_size) as usize).min(self.span_count().saturating_sub(1))
             }
+            // An offset between chunks (a tar header) gives the chunk before, which does not
+            // hold it: readers check.
+            Compression::ZstdChunked { spans } => spans
+                .partition_point(|c| c.uncompressed.start <= offset)
+                .saturating_sub(1),
         }
     }
 
@@ -513,6 +536,55 @@ impl Ztoc {
                     }
                 }
             }
+            Compression::ZstdChunked { spans } => {
+                if spans.len() != self.span_digests.len() {
+                    return inv(format!(
+                        "{} chunks for {} span digests",
+                        spans.len(),
+                        self.span_digests.len()
+                    ));
+                }
+                let (mut cend, mut uend) = (0u64, 0u64);
+                for (i, c) in spans.iter().enumerate() {
+                    if c.compressed.start < cend
+                        || c.compressed.end <= c.compressed.start
+                        || c.compressed.end > self.compressed_size
+                        || c.uncompressed.start < uend
+                        || c.uncompressed.end <= c.uncompressed.start
+                        || c.uncompressed.end > self.uncompressed_size
+                    {
+                        return inv(format!(
+                            "chunk {i} ({:?} of the blob, {:?} of the tar) is empty, out of order or out of bounds",
+                            c.compressed, c.uncompressed
+                        ));
+                    }
+                    (cend, uend) = (c.compressed.end, c.uncompressed.end);
+                }
+                // Every file's data is covered by chunks, without a gap.
+                for e in self
+                    .entries
+                    .iter()
+                    .filter(|e| e.kind == EntryType::Reg && e.size > 0)
+                {
+                    let mut at = e.offset;
+                    let end = e.offset + e.size;
+                    let mut id = self.span_for_offset(at);
+                    while at < end {
+                        match spans.get(id) {
+                            Some(c) if c.uncompressed.start == at && c.uncompressed.end <= end => {
+                                at = c.uncompressed.end;
+                                id += 1;
+                            }
+                            _ => {
+                                return inv(format!(
+                                    "the data of {:?} is not covered by its chunks at {at}",
+                                    e.display_name()
+                                ))
+                            }
+                        }
+                    }
+                }
+            }
             Compression::Uncompressed { size } => {
                 let spans = size.div_ceil(self.span_size);
                 if *size != self.compressed_size || spans != self.span_digests.len() as u64 {
@@ -582,7 +654,7 @@ impl Ztoc {
             Compression::Gzip { checkpoints } => {
                 checkpoints.iter().all(|c| c.window.inline().is_some())
             }
-            Compression::Uncompressed { .. } => true,
+            Compression::Uncompressed { .. } | Compression::ZstdChunked { .. } => true,
         }
     }
 

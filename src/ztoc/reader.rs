@@ -96,9 +96,13 @@ impl<T: BlobSource + ?Sized> SpanSource for T {
     }
 }
 
-/// Checks a span's compressed bytes against its digest.
+/// Checks a span's compressed bytes against its digest (for zstd:chunked, whose digests are
+/// of the uncompressed bytes, after decompressing them).
 pub fn verify_span(ztoc: &Ztoc, id: usize, bytes: &[u8]) -> Result<()> {
-    let actual: [u8; 32] = Sha256::digest(bytes).into();
+    let actual: [u8; 32] = match &ztoc.compression {
+        Compression::ZstdChunked { .. } => Sha256::digest(decode_chunk(ztoc, id, bytes)?).into(),
+        _ => Sha256::digest(bytes).into(),
+    };
     let expected = ztoc.span_digests[id];
     if actual == expected {
         Ok(())
@@ -109,6 +113,28 @@ pub fn verify_span(ztoc: &Ztoc, id: usize, bytes: &[u8]) -> Result<()> {
             actual: hex::encode(actual),
         })
     }
+}
+
+/// The uncompressed bytes of chunk `id` of a zstd:chunked layer from its compressed bytes:
+/// exactly the chunk's length, or an error.
+fn decode_chunk(ztoc: &Ztoc, id: usize, bytes: &[u8]) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let span = ztoc.span(id);
+    let len = span.uncompressed.end - span.uncompressed.start;
+    let corrupt = |m: String| ZtocError::CorruptLayer(format!("chunk {id}: {m}"));
+    let mut out = Vec::with_capacity(len as usize);
+    zstd::stream::read::Decoder::new(bytes)
+        .map_err(|e| corrupt(e.to_string()))?
+        .take(len + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| corrupt(e.to_string()))?;
+    if out.len() as u64 != len {
+        return Err(corrupt(format!(
+            "{} bytes where {len} were expected",
+            out.len()
+        )));
+    }
+    Ok(out)
 }
 
 /// Fills `out` with uncompressed bytes of span `id` starting `skip` bytes into the span.
@@ -140,6 +166,8 @@ struct SpanInflater<B> {
     produced: u64,
     /// `None` for a plain tar span (a copy, no inflate).
     inflate: Option<(Inflater, Format)>,
+    /// A zstd:chunked chunk, decoded whole (it is one frame); copied from like a plain span.
+    decoded: Option<Vec<u8>>,
     /// Compressed bytes consumed so far.
     pos: usize,
 }
@@ -153,8 +181,13 @@ impl<B: AsRef<[u8]>> SpanInflater<B> {
             len: span.uncompressed.end - span.uncompressed.start,
             produced: 0,
             inflate: None,
+            decoded: None,
             pos: 0,
         };
+        if let Compression::ZstdChunked { .. } = &ztoc.compression {
+            this.decoded = Some(decode_chunk(ztoc, id, this.bytes.as_ref())?);
+            return Ok(this);
+        }
         let Compression::Gzip { checkpoints } = &ztoc.compression else {
             return Ok(this);
         };
@@ -208,14 +241,10 @@ impl<B: AsRef<[u8]>> SpanInflater<B> {
         }
         let Some((inf, format)) = self.inflate.as_mut() else {
             let from = skip as usize;
-            out.copy_from_slice(self.bytes.as_ref().get(from..from + out.len()).ok_or_else(
-                || {
-                    ZtocError::CorruptLayer(format!(
-                        "span {} is shorter than the zTOC says",
-                        self.id
-                    ))
-                },
-            )?);
+            let plain = self.decoded.as_deref().unwrap_or(self.bytes.as_ref());
+            out.copy_from_slice(plain.get(from..from + out.len()).ok_or_else(|| {
+                ZtocError::CorruptLayer(format!("span {} is shorter than the zTOC says", self.id))
+            })?);
             self.produced = skip + out.len() as u64;
             return Ok(());
         };
@@ -485,6 +514,12 @@ impl<S: SpanSource> LayerReader<S> {
             let pos = offset + done as u64;
             let id = self.ztoc.span_for_offset(pos);
             let span = self.ztoc.span(id);
+            if !span.uncompressed.contains(&pos) {
+                // Between zstd:chunked chunks: a tar header, which no chunk holds.
+                return Err(ZtocError::OutOfRange(format!(
+                    "offset {pos} lies in no span (only file data of this layer can be read)"
+                )));
+            }
             let skip = pos - span.uncompressed.start;
             let n = ((span.uncompressed.end - pos) as usize).min(len - done);
             if n == 0 {

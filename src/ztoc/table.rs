@@ -46,6 +46,11 @@ pub fn split(z: &Ztoc) -> Result<Split> {
     let mut windows = Vec::new();
     let blob = match &z.compression {
         Compression::Uncompressed { .. } => None,
+        Compression::ZstdChunked { .. } => {
+            return Err(ZtocError::Invalid(
+                "a zstd:chunked layer's file table has no table form".into(),
+            ))
+        }
         Compression::Gzip { checkpoints } => {
             let mut blob = Vec::with_capacity(HEADER_LEN + checkpoints.len() * RECORD_LEN);
             blob.extend_from_slice(MAGIC);
