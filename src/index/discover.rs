@@ -178,6 +178,19 @@ pub async fn discover(
     platform: &Platform,
 ) -> Result<Option<Discovered>, IndexError> {
     let (_, image_digest, image) = resolve_image(fetchers, r, platform).await?;
+    discover_for(fetchers, store, r, platform, &image_digest, &image).await
+}
+
+/// [`discover`] for an image whose manifest (for `platform`) is known already.
+pub async fn discover_for(
+    fetchers: &FetcherChain,
+    store: Option<&ArtifactStore>,
+    r: &Reference,
+    platform: &Platform,
+    image_digest: &Digest,
+    image: &Manifest,
+) -> Result<Option<Discovered>, IndexError> {
+    let (image_digest, image) = (image_digest.clone(), image.clone());
     let found = |index_digest: Digest, index: Manifest, kind| {
         // A record of an index built here stays as it is.
         if let Some(s) = store.filter(|s| matches!(s.index_record(&index_digest), Ok(None))) {

@@ -59,7 +59,7 @@ impl LookupError {
 /// A lookup's outcome: shared by concurrent askers, so errors are `Arc`s.
 pub type Lookup<T> = Result<T, Arc<LookupError>>;
 
-fn mismatch(why: String) -> Arc<LookupError> {
+pub(super) fn mismatch(why: String) -> Arc<LookupError> {
     Arc::new(LookupError::Mismatch(why))
 }
 
@@ -85,7 +85,7 @@ pub struct StoreContext {
     pub passthrough: bool,
     pub stats: Arc<super::metrics::StoreStats>,
     /// The user namespace's id maps when the store runs in one (rootless podman).
-    id_maps: Option<crate::paths::IdMaps>,
+    pub(super) id_maps: Option<crate::paths::IdMaps>,
     images: Memo<String, Arc<ImageInfo>>,
     /// Served layers by (reference, compressed layer digest): one resolution per layer whichever
     /// digest podman asks by.
@@ -93,7 +93,7 @@ pub struct StoreContext {
     /// (reference, digest podman asked for) → compressed layer digest.
     aliases: Mutex<HashMap<(String, String), Digest>>,
     /// zTOCs by digest: fetched once however many layers or references share one.
-    ztocs: Memo<Digest, Arc<Ztoc>>,
+    pub(super) ztocs: Memo<Digest, Arc<Ztoc>>,
     /// Resolutions under way (the background fetcher waits for them: they are the start's).
     pub(super) resolving: std::sync::atomic::AtomicUsize,
     /// When a resolution last finished (ms since the Unix epoch).
@@ -104,7 +104,10 @@ pub struct StoreContext {
 /// An image's manifest for this platform, its diff IDs and its SOCI index (if any).
 pub struct ImageInfo {
     pub reference: Reference,
+    /// The image manifest for this platform.
+    pub manifest: crate::index::Manifest,
     pub discovered: Option<Discovered>,
+    /// Empty when no layer can be served lazily (the config is not fetched then).
     pub diff_ids: Vec<Digest>,
 }
 
@@ -123,7 +126,7 @@ fn cell<K: std::hash::Hash + Eq + Clone, T>(
 /// fetch (registry down, credentials not handed over yet, a timeout) is answered to those
 /// askers and then forgotten, so the next lookup tries again; any other failure (an index or
 /// zTOC that does not fit) is kept, as the same bytes would fail the same way.
-async fn memoized<K, T, F>(m: &Memo<K, T>, k: &K, init: F) -> Lookup<T>
+pub(super) async fn memoized<K, T, F>(m: &Memo<K, T>, k: &K, init: F) -> Lookup<T>
 where
     K: std::hash::Hash + Eq + Clone,
     T: Clone,
@@ -178,7 +181,7 @@ impl StoreContext {
         self.spans.fetchers()
     }
 
-    async fn image(&self, reference: &str) -> Lookup<Arc<ImageInfo>> {
+    pub(super) async fn image(&self, reference: &str) -> Lookup<Arc<ImageInfo>> {
         memoized(&self.images, &reference.to_string(), async {
             self.image_uncached(reference).await.map_err(Arc::new)
         })
@@ -188,12 +191,24 @@ impl StoreContext {
     async fn image_uncached(&self, reference: &str) -> Result<Arc<ImageInfo>, LookupError> {
         {
             let r = Reference::parse(reference)?;
-            let found =
-                discover::discover(self.fetchers(), self.artifacts.as_ref(), &r, &self.platform)
-                    .await?;
-            let diff_ids = match &found {
-                Some(d) => {
-                    let cfg = &d.image_manifest.config;
+            let (_, manifest_digest, manifest) =
+                discover::resolve_image(self.fetchers(), &r, &self.platform).await?;
+            let found = discover::discover_for(
+                self.fetchers(),
+                self.artifacts.as_ref(),
+                &r,
+                &self.platform,
+                &manifest_digest,
+                &manifest,
+            )
+            .await?;
+            let chunked = manifest
+                .layers
+                .iter()
+                .any(|l| l.annotations.contains_key(crate::chunked::ANN_TOC_DIGEST));
+            let diff_ids = match found.is_some() || chunked {
+                true => {
+                    let cfg = &manifest.config;
                     if cfg.size > crate::fetch::registry::MAX_MANIFEST_BYTES as u64 {
                         return Err(LookupError::Mismatch(format!(
                             "{r}: image config of {} bytes",
@@ -211,10 +226,11 @@ impl StoreContext {
                         })?;
                     cfg.rootfs.diff_ids
                 }
-                None => Vec::new(),
+                false => Vec::new(),
             };
             Ok(Arc::new(ImageInfo {
                 reference: r,
+                manifest,
                 discovered: found,
                 diff_ids,
             }))
@@ -311,14 +327,18 @@ impl StoreContext {
         rec: &super::journal::LayerRecord,
     ) -> Lookup<Arc<Layer>> {
         let reference = Reference::parse(&rec.reference).map_err(|e| Arc::new(e.into()))?;
-        let (zdesc, is_table) = match &rec.table {
-            Some((d, size)) => (Descriptor::new(MT_ZTOC_TABLE, d.clone(), *size), true),
-            None => (
-                Descriptor::new(MT_ZTOC, rec.ztoc.clone(), rec.ztoc_size),
-                false,
-            ),
+        let ztoc = if rec.chunked {
+            self.restore_chunked_table(&reference, rec).await?
+        } else {
+            let (zdesc, is_table) = match &rec.table {
+                Some((d, size)) => (Descriptor::new(MT_ZTOC_TABLE, d.clone(), *size), true),
+                None => (
+                    Descriptor::new(MT_ZTOC, rec.ztoc.clone(), rec.ztoc_size),
+                    false,
+                ),
+            };
+            self.ztoc(&reference, &zdesc, is_table).await?
         };
-        let ztoc = self.ztoc(&reference, &zdesc, is_table).await?;
         if ztoc.compressed_size != rec.blob_size {
             return Err(mismatch(format!(
                 "zTOC {} does not fit blob {}",
@@ -355,7 +375,7 @@ impl StoreContext {
         Ok(self.start(layer, Vec::new()))
     }
 
-    fn reader_for(
+    pub(super) fn reader_for(
         &self,
         ztoc: &Arc<Ztoc>,
         blob: &BlobLocator,
@@ -371,7 +391,7 @@ impl StoreContext {
     }
 
     /// Serves `layer`: counts it and starts its background fetch (`first` spans first).
-    fn start(self: &Arc<Self>, layer: Layer, first: Vec<usize>) -> Arc<Layer> {
+    pub(super) fn start(self: &Arc<Self>, layer: Layer, first: Vec<usize>) -> Arc<Layer> {
         let layer = Arc::new(layer);
         self.stats
             .layers_served
@@ -407,31 +427,36 @@ impl StoreContext {
     /// Builds the served layer for the compressed layer `blob` of `reference`.
     async fn resolve(self: &Arc<Self>, reference: &str, blob: &str) -> Lookup<Option<Arc<Layer>>> {
         let image = self.image(reference).await?;
-        let Some(found) = &image.discovered else {
-            return Ok(None);
-        };
-        let layers = &found.image_manifest.layers;
+        let layers = &image.manifest.layers;
         let Some(pos) = layers.iter().position(|l| l.digest == blob) else {
             return Ok(None);
         };
         let layer_desc = &layers[pos];
-        let Some(zdesc) = found.ztoc_for(&layer_desc.digest) else {
-            return Ok(None);
+        let found = image.discovered.as_ref();
+        let zdesc = found.and_then(|f| f.ztoc_for(&layer_desc.digest));
+        // A layer with a zTOC is served from it; else a zstd:chunked one from its own TOC.
+        let chunked = match zdesc {
+            Some(_) => None,
+            None => crate::chunked::ChunkedLayer::from_annotations(
+                &layer_desc.annotations,
+                layer_desc.size,
+            )
+            .map_err(|e| mismatch(format!("layer {}: {e}", layer_desc.digest)))?,
         };
-        let diff_id = image.diff_ids.get(pos).cloned().ok_or_else(|| {
-            mismatch(format!(
-                "{reference}: the image config has no diff ID for layer {pos}"
-            ))
-        })?;
-        // Podman asks one layer at a time under a lock: resolve the others meanwhile.
-        for other in layers.iter().filter(|l| l.digest != layer_desc.digest) {
-            let (ctx, r, d) = (
-                self.clone(),
-                reference.to_string(),
-                other.digest.to_string(),
-            );
-            self.runtime.spawn(ctx.layer_boxed(r, d));
-        }
+        let (Some(found), Some(zdesc)) = (found, zdesc) else {
+            if chunked.is_none() {
+                return Ok(None);
+            }
+            self.resolve_others(reference, layers, layer_desc);
+            let diff_id = image.diff_id(pos)?;
+            let chunked = chunked.as_ref().expect("checked above");
+            return self
+                .resolve_chunked(&image, layer_desc, &diff_id, chunked)
+                .await
+                .map(Some);
+        };
+        let diff_id = image.diff_id(pos)?;
+        self.resolve_others(reference, layers, layer_desc);
         // The table when the index has one (a fraction of the zTOC; windows come per span).
         let (ztoc, table, windows) = match found.table_for(&layer_desc.digest) {
             Some((t, Some(w))) => {
@@ -475,6 +500,19 @@ impl StoreContext {
         };
         Ok(Some(self.start(layer, prefetch)))
     }
+
+    /// Podman asks one layer at a time under a lock: the image's other layers are resolved
+    /// meanwhile.
+    fn resolve_others(self: &Arc<Self>, reference: &str, layers: &[Descriptor], this: &Descriptor) {
+        for other in layers.iter().filter(|l| l.digest != this.digest) {
+            let (ctx, r, d) = (
+                self.clone(),
+                reference.to_string(),
+                other.digest.to_string(),
+            );
+            self.runtime.spawn(ctx.layer_boxed(r, d));
+        }
+    }
 }
 
 /// Counts a resolution under way for as long as it lives.
@@ -500,21 +538,37 @@ impl Drop for Busy<'_> {
 }
 
 impl ImageInfo {
-    /// Compressed digests of the image's layers, in order (empty without a SOCI index).
+    /// The diff ID (uncompressed digest) of layer `pos`.
+    fn diff_id(&self, pos: usize) -> Lookup<Digest> {
+        self.diff_ids.get(pos).cloned().ok_or_else(|| {
+            mismatch(format!(
+                "{}: the image config has no diff ID for layer {pos}",
+                self.reference
+            ))
+        })
+    }
+
+    /// Compressed digests of the image's layers, in order.
     pub fn layer_digests(&self) -> Vec<Digest> {
-        self.discovered
+        self.manifest
+            .layers
             .iter()
-            .flat_map(|d| d.image_manifest.layers.iter().map(|l| l.digest.clone()))
+            .map(|l| l.digest.clone())
             .collect()
     }
 
-    /// The position of the layer podman named by its compressed or its zTOC digest.
+    /// The position of the layer podman named by its compressed digest, its zTOC digest, or
+    /// its zstd:chunked TOC digest.
     pub fn position(&self, digest: &str) -> Option<usize> {
-        let found = self.discovered.as_ref()?;
-        found.image_manifest.layers.iter().position(|l| {
+        self.manifest.layers.iter().position(|l| {
             l.digest == digest
-                || found
-                    .ztoc_for(&l.digest)
+                || l.annotations
+                    .get(crate::chunked::ANN_TOC_DIGEST)
+                    .is_some_and(|t| t == digest)
+                || self
+                    .discovered
+                    .as_ref()
+                    .and_then(|found| found.ztoc_for(&l.digest))
                     .is_some_and(|z| z.digest == digest)
         })
     }

@@ -131,6 +131,10 @@ impl StoreFs {
             ztoc_size: layer.ztoc_size,
             table: layer.table.clone(),
             windows: layer.reader.source().windows().map(|w| w.digest.clone()),
+            chunked: matches!(
+                layer.ztoc.compression,
+                crate::ztoc::Compression::ZstdChunked { .. }
+            ),
             info: String::from_utf8_lossy(&layer.info).into_owned(),
         })));
         self.install(&mut st, base, layer)

@@ -52,6 +52,9 @@ pub struct LayerRecord {
     /// The windows blob of that table.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub windows: Option<Digest>,
+    /// A zstd:chunked layer: `ztoc` is its TOC's digest, rebuilt from the blob.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub chunked: bool,
     /// The `info` file, verbatim.
     pub info: String,
 }

@@ -6,6 +6,7 @@
 
 pub mod auth_socket;
 mod background;
+mod chunked;
 mod context;
 pub mod fs;
 pub mod handoff;

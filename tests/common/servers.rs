@@ -302,6 +302,20 @@ impl Pusher {
         layers: &[Vec<u8>],
         diff_ids: &[String],
     ) -> (String, Vec<String>) {
+        let gzip = serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip"});
+        let layers: Vec<(Vec<u8>, serde_json::Value)> =
+            layers.iter().map(|l| (l.clone(), gzip.clone())).collect();
+        self.image_with(repo, tag, &layers, diff_ids).await
+    }
+
+    /// [`Self::image`] with each layer's descriptor fields (media type, annotations) given.
+    pub async fn image_with(
+        &self,
+        repo: &str,
+        tag: &str,
+        layers: &[(Vec<u8>, serde_json::Value)],
+        diff_ids: &[String],
+    ) -> (String, Vec<String>) {
         let config = serde_json::json!({
             "architecture": "amd64", "os": "linux",
             "rootfs": {"type": "layers", "diff_ids": diff_ids},
@@ -311,11 +325,12 @@ impl Pusher {
         let config_digest = self.blob(repo, config.as_bytes()).await;
         let mut descs = Vec::new();
         let mut digests = Vec::new();
-        for l in layers {
+        for (l, fields) in layers {
             let d = self.blob(repo, l).await;
-            descs.push(serde_json::json!({
-                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": l.len()
-            }));
+            let mut desc = fields.clone();
+            desc["digest"] = d.clone().into();
+            desc["size"] = l.len().into();
+            descs.push(desc);
             digests.push(d);
         }
         let manifest = serde_json::json!({

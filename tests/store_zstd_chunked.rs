@@ -1,0 +1,276 @@
+//! zstd:chunked layers served lazily, without any SOCI index: podman 5 (the Debian 13 chroot)
+//! pushes an image as zstd:chunked to a real registry and runs it through the store; and the
+//! layer podman made for tests/fixtures/zstd-chunked, read through the store's FUSE mount, with
+//! its chunks and its TOC tampered with in the registry.
+
+mod common;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use common::chroot::Chroot;
+use common::daemon::Daemon;
+use common::podman::{Podman, LIST_FILES};
+use common::servers::{registry, sha256_digest, Pusher, RegistryOpts, Server};
+use common::*;
+
+fn daemon_config(dir: &Path, reg: &Server) -> PathBuf {
+    let cfg = dir.join("daemon.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "artifacts = \"{a}/artifacts\"\nstate_dir = \"{a}/state\"\nlocal_files = \"{a}/files\"\n\
+             [[fetchers]]\ntype = \"registry\"\ninsecure = [\"{r}\"]\nregistries_conf = \"/nonexistent\"\n\
+             [cache]\ntype = \"memory\"\n",
+            a = dir.display(),
+            r = reg.addr()
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+/// Whole-blob GETs of `digest` answered 200 (a lazily served layer has only ranged 206s).
+fn whole_gets(log: &str, digest: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains(&format!("/blobs/{digest} ")) && l.contains("\" 200 "))
+        .count()
+}
+
+fn fixture() -> (Vec<u8>, serde_json::Value) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/zstd-chunked");
+    let blob = std::fs::read(dir.join("layer.tar.zst")).unwrap();
+    let desc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("descriptor.json")).unwrap()).unwrap();
+    (blob, desc)
+}
+
+fn tar_of(blob: &[u8]) -> Vec<u8> {
+    let mut tar = Vec::new();
+    zstd::stream::read::Decoder::new(blob)
+        .unwrap()
+        .read_to_end(&mut tar)
+        .unwrap();
+    tar
+}
+
+/// The fixture layer as an image `repo:v1` of `reg`, its blob altered by `tamper` (in the
+/// registry's storage, after the push) ; returns the image and the layer digest.
+async fn fixture_image(
+    reg: &Server,
+    repo: &str,
+    tamper: impl Fn(&mut Vec<u8>),
+) -> (String, String) {
+    let (blob, desc) = fixture();
+    let fields = serde_json::json!({
+        "mediaType": desc["mediaType"],
+        "annotations": desc["annotations"],
+    });
+    let (_, digests) = Pusher::new(reg)
+        .image_with(
+            repo,
+            "v1",
+            &[(blob.clone(), fields)],
+            &[sha256_digest(&tar_of(&blob))],
+        )
+        .await;
+    let path = reg.blob_path(&digests[0]);
+    let mut stored = std::fs::read(&path).unwrap();
+    tamper(&mut stored);
+    std::fs::write(&path, stored).unwrap();
+    (format!("{}/{repo}:v1", reg.addr()), digests[0].clone())
+}
+
+fn layer_dir(mnt: &Path, image: &str, digest: &str) -> PathBuf {
+    use base64::Engine;
+    mnt.join(base64::engine::general_purpose::STANDARD.encode(image))
+        .join(digest)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn zstd_chunked_layer_is_served_file_by_file_and_verified() {
+    let reg = registry(RegistryOpts::default());
+    let (image, digest) = fixture_image(&reg, "chunked/ok", |_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("store");
+    let _daemon = Daemon::start_with(
+        &daemon_config(dir.path(), &reg),
+        &mnt,
+        &dir.path().join("daemon.log"),
+        &["--no-background-fetch"],
+    );
+    let before = reg.log_text().len();
+    let layer = layer_dir(&mnt, &image, &digest);
+    let (blob, desc) = fixture();
+    let tar = tar_of(&blob);
+    let mut a = tar::Archive::new(&tar[..]);
+    for e in a.entries().unwrap() {
+        let mut e = e.unwrap();
+        let name = e.path().unwrap().to_string_lossy().into_owned();
+        if e.header().entry_type() != tar::EntryType::Regular || name.contains(".wh.") {
+            continue;
+        }
+        let mut want = Vec::new();
+        e.read_to_end(&mut want).unwrap();
+        let got = std::fs::read(layer.join("diff").join(&name)).unwrap();
+        assert!(got == want, "{name}");
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let hello = std::fs::metadata(layer.join("diff/etc/hello.txt")).unwrap();
+    assert_eq!(hello.permissions().mode() & 0o7777, 0o4755);
+    assert_eq!(
+        std::fs::read_link(layer.join("diff/etc/link")).unwrap(),
+        Path::new("hello.txt")
+    );
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layer.join("info")).unwrap()).unwrap();
+    assert_eq!(info["compression"], 4, "{info}");
+    assert_eq!(info["diff-digest"], sha256_digest(&tar), "{info}");
+    assert_eq!(info["diff-size"], tar.len() as u64, "{info}");
+    assert_eq!(
+        info["toc-digest"],
+        desc["annotations"]["io.github.containers.zstd-chunked.manifest-checksum"]
+    );
+    let log = reg.log_text()[before..].to_string();
+    assert_eq!(whole_gets(&log, &digest), 0, "{log}");
+    assert!(log.contains(" 206 "), "ranged reads: {log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn zstd_chunked_tampered_chunk_or_toc_is_never_served() {
+    let (blob, desc) = fixture();
+    let ann = &desc["annotations"];
+    let toc_at: u64 = ann["io.github.containers.zstd-chunked.manifest-position"]
+        .as_str()
+        .unwrap()
+        .split(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // Two registries: a registry keeps one copy of a blob for all its repositories.
+    let reg = registry(RegistryOpts::default());
+    let reg2 = registry(RegistryOpts::default());
+    // A byte in the middle of the blob: inside random.bin's chunks (~14 KB to ~314 KB).
+    let mid = blob.len() / 2;
+    let (chunk_image, chunk_digest) =
+        fixture_image(&reg, "chunked/chunk", |b| b[mid] ^= 0x5a).await;
+    let (toc_image, toc_digest) =
+        fixture_image(&reg2, "chunked/toc", |b| b[toc_at as usize + 40] ^= 0x5a).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("store");
+    let _daemon = Daemon::start_with(
+        &daemon_config(dir.path(), &reg),
+        &mnt,
+        &dir.path().join("daemon.log"),
+        &["--no-background-fetch"],
+    );
+    let layer = layer_dir(&mnt, &chunk_image, &chunk_digest);
+    let err = std::fs::read(layer.join("diff/data/random.bin")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(5), "EIO: {err}");
+    // Other files' chunks are intact, and served.
+    assert_eq!(
+        std::fs::read(layer.join("diff/etc/hello.txt")).unwrap(),
+        b"hello from zstd:chunked\n"
+    );
+    // A TOC that does not match its digest: the layer is not served at all. (Its own store:
+    // one that has the intact TOC of that digest already serves the layer from it, rightly.)
+    let dir2 = tempfile::tempdir().unwrap();
+    let mnt = dir2.path().join("store");
+    let daemon = Daemon::start_with(
+        &daemon_config(dir2.path(), &reg2),
+        &mnt,
+        &dir2.path().join("daemon.log"),
+        &["--no-background-fetch"],
+    );
+    let toc_layer = layer_dir(&mnt, &toc_image, &toc_digest);
+    assert!(std::fs::metadata(toc_layer.join("info")).is_err());
+    assert!(
+        daemon.log_text().contains("does not match its digest"),
+        "{}",
+        daemon.log_text()
+    );
+}
+
+/// The real thing: podman 5 pushes an image as zstd:chunked itself, and podman 5 runs it through
+/// the store with the same files, modes and owners as a plain pull; no layer is downloaded whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn zstd_chunked_image_pushed_by_podman_runs_lazily() {
+    let reg = registry(RegistryOpts::default());
+    let layers = soci_test_image();
+    let gz: Vec<Vec<u8>> = layers.iter().map(|(_, g)| g.clone()).collect();
+    let diff_ids: Vec<String> = layers.iter().map(|(t, _)| sha256_digest(t)).collect();
+    Pusher::new(&reg)
+        .image("test/app", "v1", &gz, &diff_ids)
+        .await;
+    let gzip_image = format!("{}/test/app:v1", reg.addr());
+    let image = format!("{}/test/app:v1-zstd", reg.addr());
+    let plain = Podman::new().listing(&gzip_image);
+
+    let chroot = Chroot::enter();
+    let mnt = chroot.root.join("var/lib/soci-store/store");
+    std::fs::create_dir_all(&mnt).unwrap();
+    chroot.podman(&["pull", "-q", "--tls-verify=false", &gzip_image]);
+    chroot.podman(&[
+        "push",
+        "-q",
+        "--tls-verify=false",
+        "--compression-format",
+        "zstd:chunked",
+        &gzip_image,
+        &image,
+    ]);
+    chroot.podman(&["rmi", "-af"]);
+    let manifest = reqwest::Client::new()
+        .get(format!(
+            "http://{}/v2/test/app/manifests/v1-zstd",
+            reg.addr()
+        ))
+        .header("Accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    let digests: Vec<String> = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            assert!(
+                l["annotations"]["io.github.containers.zstd-chunked.manifest-checksum"].is_string(),
+                "podman pushed zstd:chunked: {l}"
+            );
+            l["digest"].as_str().unwrap().to_string()
+        })
+        .collect();
+
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(
+        &daemon_config(dir.path(), &reg),
+        &mnt,
+        &dir.path().join("daemon.log"),
+    );
+    let before = reg.log_text().len();
+    chroot.podman(&["pull", "-q", "--tls-verify=false", &image]);
+    let out = chroot.podman(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        &image,
+        "/bin/busybox",
+        "sh",
+        "-c",
+        LIST_FILES,
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), plain);
+    let log = reg.log_text()[before..].to_string();
+    for d in &digests {
+        assert_eq!(whole_gets(&log, d), 0, "{d} downloaded whole:\n{log}");
+    }
+    let dlog = daemon.log_text();
+    assert!(dlog.contains(" use"), "podman 5 used the store: {dlog}");
+}
