@@ -274,3 +274,105 @@ async fn zstd_chunked_image_pushed_by_podman_runs_lazily() {
     let dlog = daemon.log_text();
     assert!(dlog.contains(" use"), "podman 5 used the store: {dlog}");
 }
+
+/// `convert` says what it does with zstd layers: a zstd:chunked one needs no index (the store
+/// reads its own TOC), a plain zstd one is pulled normally and how to make it lazy.
+#[tokio::test(flavor = "multi_thread")]
+async fn zstd_chunked_and_plain_zstd_layers_are_reported_by_convert() {
+    let reg = registry(RegistryOpts::default());
+    let (blob, desc) = fixture();
+    let chunked =
+        serde_json::json!({"mediaType": desc["mediaType"], "annotations": desc["annotations"]});
+    let tar = tar_of(&blob);
+    let plain = zstd::bulk::compress(&tar, 3).unwrap();
+    let plain_fields =
+        serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+zstd"});
+    let (_, digests) = Pusher::new(&reg)
+        .image_with(
+            "mixed/app",
+            "v1",
+            &[(blob.clone(), chunked), (plain, plain_fields)],
+            &[sha256_digest(&tar), sha256_digest(&tar)],
+        )
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = daemon_config(dir.path(), &reg);
+    // One line per layer on stderr (not a terminal here).
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_soci-store"))
+        .arg("--config")
+        .arg(&cfg)
+        .arg("convert")
+        .arg(format!("{}/mixed/app:v1", reg.addr()))
+        .arg(format!("{}/mixed/app:v1-soci", reg.addr()))
+        .output()
+        .unwrap();
+    assert!(run.status.success());
+    let out = String::from_utf8_lossy(&run.stderr).into_owned();
+    let line = |d: &str| {
+        out.lines()
+            .find(|l| l.starts_with(d))
+            .unwrap_or_else(|| panic!("{d} in:\n{out}"))
+            .to_string()
+    };
+    assert!(
+        line(&digests[0]).contains("zstd:chunked: served lazily from its own table of contents"),
+        "{out}"
+    );
+    assert!(
+        line(&digests[1]).contains("--compression-format zstd:chunked"),
+        "{out}"
+    );
+}
+
+/// Background completion, local copies and restart takeover work for a zstd:chunked layer as
+/// for a gzip one: the layer becomes fully local, and a daemon killed with SIGKILL is replaced
+/// by one that rebuilds the layer from the image's annotations and keeps serving it.
+#[tokio::test(flavor = "multi_thread")]
+async fn zstd_chunked_layer_completes_and_survives_a_restart() {
+    let reg = registry(RegistryOpts::default());
+    let (image, digest) = fixture_image(&reg, "chunked/bg", |_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = daemon_config(dir.path(), &reg);
+    let metrics = common::daemon::Metrics::enable(&cfg);
+    let mnt = dir.path().join("store");
+    let first = Daemon::start(&cfg, &mnt, &dir.path().join("first.log"));
+    let layer = layer_dir(&mnt, &image, &digest);
+    let want = std::fs::read(layer.join("diff/etc/hello.txt")).unwrap();
+    assert_eq!(want, b"hello from zstd:chunked\n");
+    metrics
+        .wait_for(
+            "soci_store_layers_copied",
+            1.0,
+            std::time::Duration::from_secs(60),
+        )
+        .await;
+    let text = metrics.text().await;
+    assert!(
+        common::daemon::Metrics::value(&text, "soci_store_spans_fetched_total") >= 9.0,
+        "every chunk fetched: {text}"
+    );
+
+    first.crash();
+    let second = Daemon::start(&cfg, &mnt, &dir.path().join("second.log"));
+    assert!(
+        second.log_text().contains("took over the mount"),
+        "{}",
+        second.log_text()
+    );
+    let (blob, _) = fixture();
+    let tar = tar_of(&blob);
+    let mut a = tar::Archive::new(&tar[..]);
+    let mut random = Vec::new();
+    for e in a.entries().unwrap() {
+        let mut e = e.unwrap();
+        if e.path().unwrap().ends_with("data/random.bin") {
+            e.read_to_end(&mut random).unwrap();
+        }
+    }
+    assert!(std::fs::read(layer.join("diff/data/random.bin")).unwrap() == random);
+    assert!(
+        !second.log_text().contains("cannot restore"),
+        "{}",
+        second.log_text()
+    );
+}

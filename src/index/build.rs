@@ -39,9 +39,17 @@ impl Read for ChannelReader {
     }
 }
 
-pub(super) fn indexable(media_type: &str) -> Result<(), &'static str> {
+pub(super) fn indexable(layer: &Descriptor) -> Result<(), &'static str> {
+    let media_type = layer.media_type.as_str();
     if media_type.contains("zstd") {
-        Err("zstd layers are not indexed (pulled normally)")
+        if layer
+            .annotations
+            .contains_key(crate::chunked::ANN_TOC_DIGEST)
+        {
+            Err("zstd:chunked: served lazily from its own table of contents (podman 5), no index needed")
+        } else {
+            Err("plain zstd: not indexed, pulled normally (push the image with `podman push --compression-format zstd:chunked` to make it lazy)")
+        }
     } else if media_type.ends_with("tar+gzip")
         || media_type.ends_with("tar.gzip")
         || media_type.ends_with(".tar")
@@ -249,7 +257,7 @@ pub(super) async fn index_layers(
         let build_opts = build_opts.clone();
         async move {
             progress.layer_started(&layer.digest, layer.size);
-            let eligible = match indexable(&layer.media_type) {
+            let eligible = match indexable(layer) {
                 Ok(()) if layer.size < opts.min_layer_size => {
                     Err("smaller than the minimum layer size (pulled normally)")
                 }
