@@ -11,7 +11,7 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::Arc;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use common::chroot::Chroot;
@@ -44,7 +44,7 @@ struct Pivot {
 }
 
 impl Pivot {
-    fn enter() -> Arc<Pivot> {
+    fn enter() -> Rc<Pivot> {
         let chroot = Chroot::enter();
         // Its own /dev/shm: podman 4 and 5 of one user name their lock segment alike.
         let script = "cd \"$0\" && mkdir -p .oldroot && pivot_root . .oldroot && umount -l /.oldroot \
@@ -66,7 +66,7 @@ impl Pivot {
             "pivoting into {}",
             chroot.root.display()
         );
-        Arc::new(Pivot { holder, chroot })
+        Rc::new(Pivot { holder, chroot })
     }
 }
 
@@ -82,7 +82,7 @@ impl Drop for Pivot {
 struct Session {
     user: String,
     dir: tempfile::TempDir,
-    pivot: Option<Arc<Pivot>>,
+    pivot: Option<Rc<Pivot>>,
 }
 
 impl Session {
@@ -92,7 +92,7 @@ impl Session {
         Self::new_in(None, storage)
     }
 
-    fn new_in(pivot: Option<Arc<Pivot>>, storage: Option<&str>) -> Session {
+    fn new_in(pivot: Option<Rc<Pivot>>, storage: Option<&str>) -> Session {
         let user = user();
         let base = match &pivot {
             Some(p) => p.chroot.root.join("tmp"),
@@ -428,12 +428,12 @@ fn write_auth_file(path: &Path, registry: &str, user: &str, password: &str) {
 
 /// A session whose podman uses the store (the shipped per-user storage.conf), and whose store
 /// config names only the test registry (everything else at its defaults).
-fn lazy_session(img: &Image, pivot: Option<Arc<Pivot>>) -> Session {
+fn lazy_session(img: &Image, pivot: Option<Rc<Pivot>>) -> Session {
     lazy_session_with(img, pivot, "")
 }
 
 /// [`lazy_session`] with more store config (`registry` fetcher options).
-fn lazy_session_with(img: &Image, pivot: Option<Arc<Pivot>>, fetcher_extra: &str) -> Session {
+fn lazy_session_with(img: &Image, pivot: Option<Rc<Pivot>>, fetcher_extra: &str) -> Session {
     let shipped = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("config/storage-rootless.conf"),
     )
@@ -474,7 +474,7 @@ async fn rootless_podman_5_runs_lazily_through_a_users_store() {
 
 /// A plain rootless pull and a lazy one list the same; the store notices podman's namespaces
 /// going, and started again serves the image pulled before.
-async fn runs_lazily_through_a_users_store(pivot: Option<Arc<Pivot>>) {
+async fn runs_lazily_through_a_users_store(pivot: Option<Rc<Pivot>>) {
     let img = converted(soci_test_image()).await;
     let plain = Session::new_in(pivot.clone(), None).listing(&img.lazy);
 

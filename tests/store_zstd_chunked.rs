@@ -273,6 +273,23 @@ async fn zstd_chunked_image_pushed_by_podman_runs_lazily() {
     }
     let dlog = daemon.log_text();
     assert!(dlog.contains(" use"), "podman 5 used the store: {dlog}");
+
+    // podman 4.3.1 asks the store by compressed digest, and gets the layers lazily too.
+    let mut p4 = Podman::new();
+    p4.storage_opts = vec![format!(
+        "overlay.additionallayerstore={}:ref",
+        mnt.display()
+    )];
+    let before = reg.log_text().len();
+    assert_eq!(p4.listing(&image), plain);
+    let log = reg.log_text()[before..].to_string();
+    for d in &digests {
+        assert_eq!(
+            whole_gets(&log, d),
+            0,
+            "podman 4: {d} downloaded whole:\n{log}"
+        );
+    }
 }
 
 /// `convert` says what it does with zstd layers: a zstd:chunked one needs no index (the store
@@ -375,4 +392,125 @@ async fn zstd_chunked_layer_completes_and_survives_a_restart() {
         "{}",
         second.log_text()
     );
+}
+
+/// An image mixing SOCI-indexed gzip layers and a zstd:chunked one: podman 5 runs it with both
+/// kinds served lazily, and so does podman 4 (which asks the store by compressed digest).
+#[tokio::test(flavor = "multi_thread")]
+async fn zstd_chunked_and_soci_indexed_layers_mix() {
+    let reg = registry(RegistryOpts::default());
+    let (blob, desc) = fixture();
+    let gzip = serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip"});
+    let mut layers: Vec<(Vec<u8>, serde_json::Value)> = Vec::new();
+    let mut diff_ids = Vec::new();
+    for (t, g) in soci_test_image() {
+        diff_ids.push(sha256_digest(&t));
+        layers.push((g, gzip.clone()));
+    }
+    diff_ids.push(sha256_digest(&tar_of(&blob)));
+    layers.push((
+        blob.clone(),
+        serde_json::json!({"mediaType": desc["mediaType"], "annotations": desc["annotations"]}),
+    ));
+    let (_, digests) = Pusher::new(&reg)
+        .image_with("mixed/app", "v1", &layers, &diff_ids)
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = daemon_config(dir.path(), &reg);
+    let image = format!("{}/mixed/app:v1-soci", reg.addr());
+    soci_store_ok(
+        &cfg,
+        &[
+            "convert",
+            "--quiet",
+            "--span-size",
+            "1MiB",
+            &format!("{}/mixed/app:v1", reg.addr()),
+            &image,
+        ],
+    );
+    let text = dir.path().join("daemon-only.toml");
+    std::fs::write(
+        &text,
+        std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("/artifacts\"", "/daemon-artifacts\""),
+    )
+    .unwrap();
+
+    let chroot = Chroot::enter();
+    let mnt = chroot.root.join("var/lib/soci-store/store");
+    let daemon = Daemon::start(&text, &mnt, &dir.path().join("daemon.log"));
+    let check =
+        "cat /etc/hello.txt; sha256sum /data/random.bin /data/big-random.bin | cut -d' ' -f1";
+    let (tar_random, big) = {
+        let tar = tar_of(&blob);
+        let mut a = tar::Archive::new(&tar[..]);
+        let mut r = Vec::new();
+        for e in a.entries().unwrap() {
+            let mut e = e.unwrap();
+            if e.path().unwrap().ends_with("data/random.bin") {
+                e.read_to_end(&mut r).unwrap();
+            }
+        }
+        (
+            sha256_digest(&r),
+            sha256_digest(&random_bytes(12 << 20, 11)),
+        )
+    };
+    let want = format!(
+        "hello from zstd:chunked\n{}\n{}\n",
+        &tar_random[7..],
+        &big[7..]
+    );
+
+    let before = reg.log_text().len();
+    chroot.podman(&["pull", "-q", "--tls-verify=false", &image]);
+    let out = chroot.podman(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        &image,
+        "/bin/busybox",
+        "sh",
+        "-c",
+        check,
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), want);
+    let log = reg.log_text()[before..].to_string();
+    // The two indexed gzip layers and the zstd:chunked one: none downloaded whole.
+    for d in [&digests[0], &digests[1], &digests[3]] {
+        assert_eq!(whole_gets(&log, d), 0, "{d} downloaded whole:\n{log}");
+    }
+
+    let mut p4 = Podman::new();
+    p4.storage_opts = vec![format!(
+        "overlay.additionallayerstore={}:ref",
+        mnt.display()
+    )];
+    let before = reg.log_text().len();
+    p4.run(&["pull", "-q", "--tls-verify=false", &image]);
+    let log = reg.log_text()[before..].to_string();
+    // podman 4 asks the store by compressed digest: the zstd:chunked layer is lazy there too.
+    for d in [&digests[0], &digests[1], &digests[3]] {
+        assert_eq!(
+            whole_gets(&log, d),
+            0,
+            "podman 4: {d} downloaded whole:\n{log}"
+        );
+    }
+    let out = p4.run(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        &image,
+        "/bin/busybox",
+        "sh",
+        "-c",
+        check,
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), want);
+    assert!(daemon.log_text().contains(" use"), "{}", daemon.log_text());
 }

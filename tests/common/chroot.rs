@@ -9,7 +9,11 @@ use std::process::Command;
 pub struct Chroot {
     pub root: PathBuf,
     pub mounts: Vec<PathBuf>,
+    /// One test at a time in a chroot: its mounts and the store's mountpoint in it are shared.
+    _turn: std::sync::MutexGuard<'static, ()>,
 }
+
+static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 pub fn sh(cmd: &mut Command) {
     let out = cmd.output().unwrap();
@@ -38,9 +42,11 @@ impl Chroot {
             "no podman chroot at {} (.ci/run makes it with {script})",
             root.display()
         );
+        let turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
         let mut c = Chroot {
             root: root.clone(),
             mounts: Vec::new(),
+            _turn: turn,
         };
         let r = |p: &str| root.join(p);
         c.mount(
