@@ -26,6 +26,9 @@
 #   VARIANTS  ';'-separated NAME=CONVERT-ARGS; each is converted to its own tag and gets its own
 #             lazy runs in every round (default: one variant, "default", or "span-SIZE" with
 #             SPAN_SIZE). SPAN_SIZE and CONVERT_ARGS are added to every variant's convert args.
+#             NAME=@zstd:chunked is not converted: podman 5 pushes the image as zstd:chunked
+#             (no SOCI index; the store reads each layer's own TOC), and that image also gets
+#             plain runs of its own, its baseline (needs "5" in PODMANS).
 #   TRACE_DIR every lazy run's `serve --trace` file is kept there (VER-NET-KIND-VARIANT-REP.jsonl).
 #   NOBG=1    adds lazy runs with `serve --no-background-fetch` (main config: every default).
 #   SERVE_VARIANTS  ';'-separated NAME=SERVE-ARGS: lazy runs of each convert variant with those
@@ -71,8 +74,10 @@ IFS=';' read -r -a _vs <<<"$variants_spec"
 for v in "${_vs[@]}"; do
   [ -n "$v" ] || continue
   n="${v%%=*}"; a=""; [[ "$v" == *=* ]] && a="${v#*=}"
-  [ -n "${SPAN_SIZE:-}" ] && a="$a --span-size $SPAN_SIZE"
-  [ -n "${CONVERT_ARGS:-}" ] && a="$a $CONVERT_ARGS"
+  if [ "$a" != "@zstd:chunked" ]; then
+    [ -n "${SPAN_SIZE:-}" ] && a="$a --span-size $SPAN_SIZE"
+    [ -n "${CONVERT_ARGS:-}" ] && a="$a $CONVERT_ARGS"
+  fi
   vnames+=("$n"); vargs[$n]="$a"
 done
 
@@ -364,6 +369,7 @@ path = "$tmp/srv/cache"
 C
 declare -A ztoc_bytes ztoc_layers
 for v in "${vnames[@]}"; do
+  [ "${vargs[$v]}" = "@zstd:chunked" ] && { ztoc_bytes[$v]=0; ztoc_layers[$v]="none (zstd:chunked)"; continue; }
   rm -rf "$tmp/convert-artifacts"
   # shellcheck disable=SC2086
   in_ns "$bin" --config "$tmp/convert.toml" convert --json ${vargs[$v]} "$reg/app:v1" "$reg/app:soci-$v" > "$tmp/convert.json"
@@ -395,6 +401,10 @@ C
 mkdir -p "$tmp/g4" "$tmp/store4"
 pv4=$(podman --version | awk '{print $3}')
 pv5=""
+zstd_variants=(); for v in "${vnames[@]}"; do [ "${vargs[$v]}" = "@zstd:chunked" ] && zstd_variants+=("$v"); done
+if [ ${#zstd_variants[@]} -gt 0 ]; then
+  case " $podmans " in *" 5 "*) ;; *) echo "a @zstd:chunked variant needs podman 5 (PODMANS=\"4 5\")" >&2; exit 1 ;; esac
+fi
 case " $podmans " in *" 5 "*)
   # A private bind mount of the chroot (so the tests' own mounts of it are not disturbed), with
   # our scratch directory on its /mnt (graph root, store mountpoint, containers.conf).
@@ -419,6 +429,18 @@ pm() {  # pm 4|5 ARGS…  (podman of that generation, own graph root, in the nam
   fi
 }
 graph_dir() { if [ "$1" = 4 ]; then echo "$tmp/g4"; else echo "$r5/mnt/g5"; fi; }
+# zstd:chunked variants: podman 5 pushes the source image again, as zstd:chunked.
+for v in "${zstd_variants[@]}"; do
+  mkdir -p "$r5/mnt/g5"
+  pm 5 pull -q --tls-verify=false "$reg/app:v1" >/dev/null
+  pm 5 push -q --tls-verify=false --compression-format zstd:chunked "$reg/app:v1" "$reg/app:soci-$v"
+  pm 5 system reset -f >/dev/null 2>&1 || true
+  rm -rf --one-file-system "$r5/mnt/g5"
+  zd=$(in_ns curl -sf -H "Accept: application/vnd.oci.image.manifest.v1+json" "http://$reg/v2/app/manifests/soci-$v" \
+    | python3 -c "import json,sys; m=json.load(sys.stdin); print(' '.join(l['digest'] for l in m['layers'])); print(sum(l['size'] for l in m['layers']), file=sys.stderr)" 2>"$tmp/zstd-size")
+  zstd_layers="${zstd_layers:-} $zd"
+  log "variant $v: pushed as zstd:chunked by podman $(chroot "$r5" podman --version | awk '{print $3}'), $(awk '{printf "%.1f", $1/1e6}' "$tmp/zstd-size") MB"
+done
 store_host() { if [ "$1" = 4 ]; then echo "$tmp/store4"; else echo "$r5/mnt/store"; fi; }
 store_seen() { if [ "$1" = 4 ]; then echo "$tmp/store4"; else echo "/mnt/store"; fi; }
 reset_graph() {  # reset_graph 4|5
@@ -447,7 +469,7 @@ start_daemon() {  # start_daemon 4|5 [serve args…]
 }
 # Registry bytes in access-log lines [FROM, TO): podman's, the store's, the store's artifact
 # (non-layer) bytes, the store's layer requests, the store's bytes per layer (L1/L2/…).
-layer_digests=$(awk '{print $1}' <<<"$layer_info" | paste -sd' ')
+layer_digests="$(awk '{print $1}' <<<"$layer_info" | paste -sd' ')${zstd_layers:-}"
 log_bytes() {
   tail -c +"$(($1 + 1))" "$tmp/access.log" | head -c "$(($2 - $1))" | awk -F'"' -v layers="$layer_digests" '
     BEGIN { n = split(layers, a, " "); for (i = 1; i <= n; i++) L["/blobs/" a[i]] = i }
@@ -478,6 +500,8 @@ run_one() {
     start_daemon "$ver" "${sargs[@]}"
     image="$reg/app:soci-$variant"
     sopt=(--storage-opt "overlay.additionallayerstore=$(store_seen "$ver"):ref")
+  elif [ -n "$variant" ]; then
+    image="$reg/app:soci-$variant"    # the plain pull of a zstd:chunked variant
   fi
   rm -f "$tmp"/at_ready.*
   local log0; log0=$(stat -c %s "$tmp/access.log")
@@ -538,6 +562,7 @@ set_net() {
 }
 
 kinds=(plain)
+for v in "${zstd_variants[@]}"; do kinds+=("plain:$v"); done
 for v in "${vnames[@]}"; do
   kinds+=("lazy:$v")
   for sv in "${svnames[@]}"; do kinds+=("lazy-$sv:$v"); done
@@ -582,7 +607,7 @@ def f(x):
     except (TypeError, ValueError):
         return None
 def sel(ver, net, kind, variant):
-    return [r for r in rows if r["podman"] == ver and r["net"] == net and r["kind"] == kind and (kind == "plain" or r["variant"] == variant)]
+    return [r for r in rows if r["podman"] == ver and r["net"] == net and r["kind"] == kind and r["variant"] == variant]
 def med(rs, col):
     v = [f(r[col]) for r in rs if r["ok"] == "1" and f(r[col]) is not None]
     return (statistics.median(v), min(v), max(v)) if v else None
@@ -611,6 +636,9 @@ for ver, net in combos:
     for kind, variant in lazykinds:
         l = sel(ver, net, kind, variant)
         ml = med(l, "ready_s")
+        # A zstd:chunked variant's baseline is the plain pull of that same image.
+        own = sel(ver, net, "plain", variant)
+        p, mp = (own, med(own, "ready_s")) if own else (sel(ver, net, "plain", ""), med(sel(ver, net, "plain", ""), "ready_s"))
         label = "lazy" + (f" (serve {kind[5:]})" if kind != "lazy" else "") + (f", {variant}" if len(vnames.split()) > 1 or variant != "default" else "")
         ratio = f"{mp[0]/ml[0]:.1f}x faster" if mp and ml else "n/a"
         tgt = ">= 5x" if net == "shaped" else "-"
@@ -640,7 +668,8 @@ print("Plain runs: registry bytes (podman): " + "; ".join(
 print()
 print("Runs (ready s):")
 for ver, net in combos:
-    for kind, variant in [("plain", "")] + lazykinds:
+    plains = sorted({("plain", r["variant"]) for r in rows if r["kind"] == "plain"})
+    for kind, variant in plains + lazykinds:
         l = sel(ver, net, kind, variant)
         print(f"  podman {pv[ver]}, {netname[net]}, {kind} {variant}: " + " / ".join(r["ready_s"] if r["ok"] == "1" else "FAIL" for r in l))
 print(f"\nall runs: {path}")

@@ -514,3 +514,108 @@ async fn zstd_chunked_and_soci_indexed_layers_mix() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), want);
     assert!(daemon.log_text().contains(" use"), "{}", daemon.log_text());
 }
+
+/// `convert --zstd-chunked` rewrites an image's plain zstd layers as zstd:chunked: podman 5
+/// runs the result lazily through the store (no layer downloaded whole) with the same files as
+/// a plain pull, and podman 5 alone pulls it as an ordinary image.
+#[tokio::test(flavor = "multi_thread")]
+async fn zstd_chunked_convert_rewrites_plain_zstd_layers() {
+    let reg = registry(RegistryOpts::default());
+    let zstd = serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+zstd"});
+    let gzip: Vec<Vec<u8>> = soci_test_image().into_iter().map(|(_, g)| g).collect();
+    let mut layers = Vec::new();
+    let mut diff_ids = Vec::new();
+    for (t, _) in soci_test_image() {
+        diff_ids.push(sha256_digest(&t));
+        layers.push((zstd::bulk::compress(&t, 3).unwrap(), zstd.clone()));
+    }
+    Pusher::new(&reg)
+        .image_with("plain/zstd", "v1", &layers, &diff_ids)
+        .await;
+    Pusher::new(&reg)
+        .image("plain/gzip", "v1", &gzip, &diff_ids)
+        .await;
+    let plain = Podman::new().listing(&format!("{}/plain/gzip:v1", reg.addr()));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = daemon_config(dir.path(), &reg);
+    let image = format!("{}/plain/zstd:v1-chunked", reg.addr());
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_soci-store"))
+        .arg("--config")
+        .arg(&cfg)
+        .args(["convert", "--zstd-chunked"])
+        .arg(format!("{}/plain/zstd:v1", reg.addr()))
+        .arg(&image)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{err}");
+    assert_eq!(err.matches("rewritten as zstd:chunked").count(), 3, "{err}");
+
+    let manifest = reqwest::Client::new()
+        .get(format!(
+            "http://{}/v2/plain/zstd/manifests/v1-chunked",
+            reg.addr()
+        ))
+        .header("Accept", "application/vnd.oci.image.index.v1+json")
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let index: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    let m = index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let manifest = reqwest::Client::new()
+        .get(format!("http://{}/v2/plain/zstd/manifests/{m}", reg.addr()))
+        .header("Accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    let digests: Vec<String> = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            assert!(
+                l["annotations"]["io.github.containers.zstd-chunked.manifest-checksum"].is_string(),
+                "{l}"
+            );
+            l["digest"].as_str().unwrap().to_string()
+        })
+        .collect();
+
+    let chroot = Chroot::enter();
+    let mnt = chroot.root.join("var/lib/soci-store/store");
+    std::fs::create_dir_all(&mnt).unwrap();
+    // podman 5 alone reads the rewritten layers as ordinary zstd:chunked ones.
+    chroot.podman(&["pull", "-q", "--tls-verify=false", &image]);
+    chroot.podman(&["rmi", "-af"]);
+
+    let daemon = Daemon::start(&cfg, &mnt, &dir.path().join("daemon.log"));
+    let before = reg.log_text().len();
+    chroot.podman(&["pull", "-q", "--tls-verify=false", &image]);
+    let out = chroot.podman(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        &image,
+        "/bin/busybox",
+        "sh",
+        "-c",
+        LIST_FILES,
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), plain);
+    let log = reg.log_text()[before..].to_string();
+    for d in &digests {
+        assert_eq!(whole_gets(&log, d), 0, "{d} downloaded whole:\n{log}");
+    }
+    assert!(daemon.log_text().contains(" use"), "{}", daemon.log_text());
+}

@@ -76,6 +76,7 @@ impl BuildArgs {
             concurrency: self.jobs.max(1),
             prefetch_files: self.prefetch_files.clone(),
             ztoc_tables: !self.no_ztoc_table,
+            zstd_chunked: Default::default(),
         })
     }
 }
@@ -89,6 +90,12 @@ pub struct ConvertArgs {
     /// Leave out the layer TOC annotation podman >= 5.1 needs.
     #[arg(long)]
     no_podman_annotations: bool,
+    /// Rewrite layers as zstd:chunked, which the store (and podman 5) read lazily without any
+    /// index: `--zstd-chunked` rewrites plain zstd layers, `--zstd-chunked=all` gzip and
+    /// uncompressed ones too. Rewritten layers get new digests (content and diff IDs stay).
+    #[arg(long, value_name = "LAYERS", num_args = 0..=1, require_equals = true, default_missing_value = "zstd",
+          value_parser = ["zstd", "all"])]
+    zstd_chunked: Option<String>,
     #[command(flatten)]
     build: BuildArgs,
 }
@@ -242,7 +249,12 @@ impl ConvertArgs {
         let client = client(ctx)?;
         let src = Endpoint::new(ImageRef::parse(&self.src)?, client.clone());
         let dst = Endpoint::new(ImageRef::parse(&self.dst)?, client);
-        let opts = self.build.options(!self.no_podman_annotations)?;
+        let mut opts = self.build.options(!self.no_podman_annotations)?;
+        opts.zstd_chunked = match self.zstd_chunked.as_deref() {
+            None => crate::index::rewrite::ZstdChunked::Off,
+            Some("all") => crate::index::rewrite::ZstdChunked::All,
+            Some(_) => crate::index::rewrite::ZstdChunked::Zstd,
+        };
         let store = store(ctx)?;
         let progress = progress(&self.build);
         let report = ctx

@@ -43,6 +43,8 @@ pub struct ConvertOptions {
     /// the store prefers: a lazy start then fetches the table at lookup and a window per span
     /// read, not the whole zTOC. Upstream tools ignore both blobs.
     pub ztoc_tables: bool,
+    /// Layers rewritten as zstd:chunked before indexing (`convert` only).
+    pub zstd_chunked: super::rewrite::ZstdChunked,
 }
 
 impl Default for ConvertOptions {
@@ -55,6 +57,7 @@ impl Default for ConvertOptions {
             concurrency: 3,
             prefetch_files: Vec::new(),
             ztoc_tables: true,
+            zstd_chunked: Default::default(),
         }
     }
 }
@@ -270,6 +273,20 @@ pub async fn convert(
     for (platform, data, _) in selected {
         let mut image = parse_manifest(&data)?;
         check_image(src, &image).await?;
+        let rewritten =
+            super::rewrite::rewrite_layers(src, dst, &mut image, opts.zstd_chunked, progress)
+                .await?;
+        for (old, new) in &rewritten {
+            progress.layer_done(&LayerReport {
+                digest: old.clone(),
+                size: 0,
+                ztoc: None,
+                spans: 0,
+                note: format!(
+                    "rewritten as zstd:chunked {new} (a new digest; same content and diff ID)"
+                ),
+            });
+        }
         let layers = index_layers(src, dst, &image, opts, true, progress).await?;
         let (ztocs, blobs) = push_ztocs(dst, &layers).await?;
         let index = soci_index(IndexKind::V2, ztocs.clone(), None);

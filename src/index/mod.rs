@@ -11,6 +11,8 @@ pub(crate) mod create;
 pub mod discover;
 #[cfg(feature = "daemon")]
 pub mod image;
+#[cfg(feature = "daemon")]
+pub(crate) mod rewrite;
 pub mod store;
 
 use std::collections::BTreeMap;

@@ -37,6 +37,8 @@ pub const MAX_TOC_BYTES: u64 = 256 << 20;
 /// Most entries a TOC may list.
 pub const MAX_ENTRIES: usize = 4 << 20;
 /// Largest chunk decoded (a chunk is decoded whole to be verified); as a zTOC span.
+pub mod write;
+
 pub const MAX_CHUNK_BYTES: u64 = crate::ztoc::MAX_SPAN_UNCOMPRESSED;
 
 /// Why a zstd:chunked layer cannot be read.
