@@ -48,7 +48,7 @@ pub(super) fn indexable(layer: &Descriptor) -> Result<(), &'static str> {
         {
             Err("zstd:chunked: served lazily from its own table of contents (podman 5), no index needed")
         } else {
-            Err("plain zstd: not indexed, pulled normally (push the image with `podman push --compression-format zstd:chunked` to make it lazy)")
+            Err("plain zstd: not indexed, pulled normally (`convert --zstd-chunked`, or `podman push --compression-format zstd:chunked`, makes it lazy)")
         }
     } else if media_type.ends_with("tar+gzip")
         || media_type.ends_with("tar.gzip")
