@@ -18,6 +18,10 @@ use crate::ztoc::{WindowRef, Ztoc, ZtocError};
 
 /// At most this many windows of read-ahead spans come with one request.
 const WINDOW_BATCH: usize = 8;
+/// A zstd:chunked chunk missed is fetched with the chunks after it, in one request, up to this
+/// many compressed bytes from its start: small files lie together (a package's modules), and a
+/// request per file costs a round trip each.
+const CHUNK_RUN_BYTES: u64 = 256 << 10;
 
 type Flight = Arc<OnceCell<Result<Bytes, Arc<FetchError>>>>;
 
@@ -340,6 +344,61 @@ impl SpanStore {
             .collect()
     }
 
+    /// Spans `ids` of `blob` (in blob order) with one ranged request covering them and whatever
+    /// lies between (a zstd:chunked layer's tar headers); each verified and cached through its
+    /// own single-flight cell (one that fails verification is fetched again alone). The first
+    /// one's bytes.
+    pub async fn span_run(
+        &self,
+        blob: &BlobLocator,
+        ztoc: &Ztoc,
+        ids: &[usize],
+        purpose: Purpose,
+    ) -> Result<Bytes, Arc<FetchError>> {
+        let (Some(&first), Some(&last)) = (ids.first(), ids.last()) else {
+            return Err(Arc::new(FetchError::Invalid("an empty run of spans".into())));
+        };
+        let range = ztoc.span(first).compressed.start..ztoc.span(last).compressed.end;
+        let what = format!("{}#{first}-{last}", blob.digest);
+        let fetched = async {
+            let traced = self.traced("span", what, purpose);
+            let read = self.read_counted(blob, range.clone()).await;
+            match &read {
+                Ok(d) => traced.done(d.len() as u64, ""),
+                Err(_) => traced.done(0, "error"),
+            }
+            read.map_err(Arc::new)
+        }
+        .shared();
+        let flights = ids.iter().map(|&id| {
+            let fetched = fetched.clone();
+            let key = SpanKey::new(&blob.digest, id);
+            let s = ztoc.span(id).compressed;
+            let (a, b) = ((s.start - range.start) as usize, (s.end - range.start) as usize);
+            async move {
+                let one = async {
+                    let all = fetched.await?;
+                    let data = all.slice(a..b.min(all.len()));
+                    match verify_span(ztoc, id, &data) {
+                        Ok(()) => {
+                            self.stats.spans_fetched.fetch_add(1, Ordering::Relaxed);
+                            self.cache.put(&key, data.clone());
+                            Ok(data)
+                        }
+                        Err(e) => {
+                            tracing::warn!(%blob, span = id, "fetched span failed verification: {e}");
+                            let again = self.fetch_verified(blob, ztoc, id, &key, purpose);
+                            again.await.map_err(Arc::new)
+                        }
+                    }
+                };
+                self.single_flight(&key, one).await
+            }
+        });
+        let mut results = futures::future::join_all(flights).await;
+        results.swap_remove(0)
+    }
+
     /// Read-ahead: fetches spans `ids` of `blob` (and their windows from `windows`, when the
     /// zTOC stores them apart), each with its own request, all at once, each verified before it
     /// is cached. A reader reaching one of them joins its fetch. Errors are only counted and
@@ -526,6 +585,26 @@ impl RemoteLayer {
     }
 }
 
+impl RemoteLayer {
+    /// Chunk `id` and the chunks after it that are neither cached nor being fetched, within
+    /// [`CHUNK_RUN_BYTES`] of its start.
+    fn chunk_run(&self, ztoc: &Ztoc, id: usize) -> Vec<usize> {
+        let start = ztoc.span(id).compressed.start;
+        let mut run = vec![id];
+        for next in id + 1..ztoc.span_count() {
+            if ztoc.span(next).compressed.end - start > CHUNK_RUN_BYTES
+                || self
+                    .store
+                    .cached_or_pending(&SpanKey::new(&self.blob.digest, next))
+            {
+                break;
+            }
+            run.push(next);
+        }
+        run
+    }
+}
+
 impl SpanSource for RemoteLayer {
     fn span_bytes(&self, ztoc: &Ztoc, id: usize) -> Result<Bytes, ZtocError> {
         if let Some(b) = self.store.cached(&self.blob, id) {
@@ -535,6 +614,14 @@ impl SpanSource for RemoteLayer {
             span: id,
             source: Box::new(ArcError(e)),
         };
+        if let crate::ztoc::Compression::ZstdChunked { .. } = ztoc.compression {
+            let run = self.chunk_run(ztoc, id);
+            if run.len() > 1 {
+                return self
+                    .wait_for(self.store.span_run(&self.blob, ztoc, &run, Purpose::Demand))
+                    .map_err(source);
+            }
+        }
         // A span read also needs its window: fetch both at once (the window lands in the cache).
         match self.needs_window(ztoc, id) {
             Some(w) => {
