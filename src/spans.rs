@@ -356,7 +356,9 @@ impl SpanStore {
         purpose: Purpose,
     ) -> Result<Bytes, Arc<FetchError>> {
         let (Some(&first), Some(&last)) = (ids.first(), ids.last()) else {
-            return Err(Arc::new(FetchError::Invalid("an empty run of spans".into())));
+            return Err(Arc::new(FetchError::Invalid(
+                "an empty run of spans".into(),
+            )));
         };
         let range = ztoc.span(first).compressed.start..ztoc.span(last).compressed.end;
         let what = format!("{}#{first}-{last}", blob.digest);
