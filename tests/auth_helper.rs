@@ -9,29 +9,12 @@ use std::path::Path;
 
 use common::chroot::Chroot;
 use common::daemon::Daemon;
-use common::podman::{Podman, LIST_FILES};
-use common::servers::{registry, sha256_digest, Pusher, RegistryOpts};
+use common::podman::Podman;
+use common::servers::{registry, sha256_digest, whole_blob_gets, Pusher, RegistryOpts};
 use common::*;
 
 const USER: &str = "alice";
 const PASSWORD: &str = "handed-over-pw";
-
-/// Whole-blob GETs of `digest` answered 200 (lazy layers have none: only ranged 206s).
-fn whole_gets(log: &str, digest: &str) -> usize {
-    log.lines()
-        .filter(|l| l.contains(&format!("/blobs/{digest} ")) && l.contains("\" 200 "))
-        .count()
-}
-
-fn auth_file(path: &Path, registry: &str) {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"));
-    std::fs::write(
-        path,
-        serde_json::json!({"auths": {registry: {"auth": b64}}}).to_string(),
-    )
-    .unwrap();
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn auth_helper_hands_podmans_credentials_to_the_store() {
@@ -49,7 +32,7 @@ async fn auth_helper_hands_podmans_credentials_to_the_store() {
     // `convert` is given the credentials (a CI job would be); the store never is.
     let dir = tempfile::tempdir().unwrap();
     let creds = dir.path().join("convert-auth.json");
-    auth_file(&creds, &reg.addr());
+    common::servers::auth_file(&creds, &reg.addr(), USER, PASSWORD);
     let convert_cfg = dir.path().join("convert.toml");
     std::fs::write(
         &convert_cfg,
@@ -74,7 +57,7 @@ async fn auth_helper_hands_podmans_credentials_to_the_store() {
 
     let mut plain = Podman::new();
     let plain_auth = dir.path().join("plain-auth.json");
-    auth_file(&plain_auth, &reg.addr());
+    common::servers::auth_file(&plain_auth, &reg.addr(), USER, PASSWORD);
     plain.pull_args = vec!["--authfile".into(), plain_auth.display().to_string()];
     let plain_listing = plain.listing(&image);
 
@@ -88,7 +71,7 @@ async fn auth_helper_hands_podmans_credentials_to_the_store() {
         host.join("soci-store-auth-helper"),
     )
     .unwrap();
-    auth_file(&host.join("auth.json"), &reg.addr());
+    common::servers::auth_file(&host.join("auth.json"), &reg.addr(), USER, PASSWORD);
     std::fs::write(
         host.join("registries-plain.conf"),
         format!(
@@ -144,7 +127,11 @@ async fn auth_helper_hands_podmans_credentials_to_the_store() {
     pull("registries-plain.conf");
     let log = reg.log_text()[before..].to_string();
     for d in &layer_digests[..2] {
-        assert_eq!(whole_gets(&log, d), 1, "{d} downloaded by podman:\n{log}");
+        assert_eq!(
+            whole_blob_gets(&log, d),
+            1,
+            "{d} downloaded by podman:\n{log}"
+        );
     }
     chroot.podman(&["rmi", "-af"]);
     assert!(
@@ -159,7 +146,7 @@ async fn auth_helper_hands_podmans_credentials_to_the_store() {
     let log = reg.log_text()[before..].to_string();
     for d in &layer_digests[..2] {
         assert_eq!(
-            whole_gets(&log, d),
+            whole_blob_gets(&log, d),
             0,
             "{d} was downloaded whole; the store's log:\n{}",
             daemon.log_text()
@@ -180,18 +167,7 @@ async fn auth_helper_hands_podmans_credentials_to_the_store() {
             .any(|l| l.contains("soci-store/") && l.contains("/blobs/") && l.contains("\" 206 ")),
         "{log}"
     );
-    let out = chroot.podman(&[
-        "run",
-        "--rm",
-        "--network",
-        "none",
-        &image,
-        "/bin/busybox",
-        "sh",
-        "-c",
-        LIST_FILES,
-    ]);
-    assert_eq!(String::from_utf8_lossy(&out.stdout), plain_listing);
+    assert_eq!(chroot.run_listing(&image), plain_listing);
     // The credentials stay in the daemon's memory: nothing of them is written anywhere.
     for entry in walk(dir.path()).into_iter().chain(walk(&host)) {
         if entry.to_string_lossy().ends_with("auth.json") {

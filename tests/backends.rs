@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use base64::Engine;
 use bytes::Bytes;
 use common::servers::*;
 use common::*;
@@ -120,14 +119,9 @@ async fn registry_anonymous() {
     assert!(store.cache().used_bytes() > 0);
 }
 
-fn auth_file(dir: &std::path::Path, host: &str, user: &str, pass: &str) -> std::path::PathBuf {
+fn auth_json(dir: &std::path::Path, host: &str, user: &str, pass: &str) -> std::path::PathBuf {
     let path = dir.join("auth.json");
-    let b64 = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
-    std::fs::write(
-        &path,
-        serde_json::json!({"auths": {host: {"auth": b64}}}).to_string(),
-    )
-    .unwrap();
+    common::servers::auth_file(&path, host, user, pass);
     path
 }
 
@@ -146,7 +140,7 @@ async fn registry_basic_auth_from_auth_json() {
 
     let good = registry_fetcher(
         &reg.addr(),
-        vec![auth_file(dir.path(), &reg.addr(), "alice", "s3cret")],
+        vec![auth_json(dir.path(), &reg.addr(), "alice", "s3cret")],
     );
     check_ranges(&good, &loc, &gz).await;
 
@@ -157,7 +151,7 @@ async fn registry_basic_auth_from_auth_json() {
     let bad_dir = tempfile::tempdir().unwrap();
     let bad = registry_fetcher(
         &reg.addr(),
-        vec![auth_file(bad_dir.path(), &reg.addr(), "alice", "wrong")],
+        vec![auth_json(bad_dir.path(), &reg.addr(), "alice", "wrong")],
     );
     let err = bad.read_range(&loc, 0..10).await.unwrap_err();
     assert!(matches!(err, FetchError::Unauthorized(_)), "{err}");

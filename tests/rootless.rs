@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use common::chroot::Chroot;
 use common::podman::LIST_FILES;
-use common::servers::{registry, sha256_digest, Pusher, RegistryOpts, Server};
+use common::servers::{
+    auth_file, registry, sha256_digest, whole_blob_gets, Pusher, RegistryOpts, Server,
+};
 use common::*;
 
 /// The user `.ci/run` makes (`SOCI_ROOTLESS_USER` names another).
@@ -384,7 +386,7 @@ async fn converted_in(
     let mut auth_files = String::new();
     if let Some((u, p)) = auth {
         let file = dir.path().join("auth.json");
-        write_auth_file(&file, &reg.addr(), u, p);
+        auth_file(&file, &reg.addr(), u, p);
         auth_files = format!("auth_files = [\"{}\"]\n", file.display());
     }
     let cfg = dir.path().join("convert.toml");
@@ -413,17 +415,6 @@ async fn converted_in(
         lazy,
         layer_digests,
     }
-}
-
-/// An auth file (podman's format) with `user:password` for `registry`.
-fn write_auth_file(path: &Path, registry: &str, user: &str, password: &str) {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
-    std::fs::write(
-        path,
-        serde_json::json!({"auths": {registry: {"auth": b64}}}).to_string(),
-    )
-    .unwrap();
 }
 
 /// A session whose podman uses the store (the shipped per-user storage.conf), and whose store
@@ -487,10 +478,7 @@ async fn runs_lazily_through_a_users_store(pivot: Option<Rc<Pivot>>) {
     assert_eq!(listing, plain);
     let log = img.reg.log_text()[before..].to_string();
     for d in &img.layer_digests[..2] {
-        let whole = log
-            .lines()
-            .filter(|l| l.contains(&format!("/blobs/{d} ")) && l.contains("\" 200 "))
-            .count();
+        let whole = whole_blob_gets(&log, d);
         assert_eq!(whole, 0, "indexed layer {d} was downloaded whole:\n{log}");
     }
     let slog = store.log_text();
@@ -638,7 +626,7 @@ async fn rootless_auth_helper_hands_credentials_to_a_users_store() {
     )
     .unwrap();
     let authfile = s.dir.path().join("pull-auth.json");
-    write_auth_file(&authfile, &img.reg.addr(), user, password);
+    auth_file(&authfile, &img.reg.addr(), user, password);
     let ok = Command::new("chown")
         .arg("-R")
         .arg(format!("{0}:{0}", s.user))
@@ -660,10 +648,7 @@ async fn rootless_auth_helper_hands_credentials_to_a_users_store() {
     ]);
     let log = img.reg.log_text()[before..].to_string();
     for d in &img.layer_digests[..2] {
-        let whole = log
-            .lines()
-            .filter(|l| l.contains(&format!("/blobs/{d} ")) && l.contains("\" 200 "))
-            .count();
+        let whole = whole_blob_gets(&log, d);
         assert_eq!(
             whole,
             0,

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 use common::chroot::Chroot;
 use common::daemon::Daemon;
-use common::podman::{Podman, LIST_FILES};
-use common::servers::{registry, sha256_digest, Pusher, RegistryOpts, Server};
+use common::podman::Podman;
+use common::servers::{registry, sha256_digest, whole_blob_gets, Pusher, RegistryOpts, Server};
 use common::*;
 
 fn daemon_config(dir: &Path, reg: &Server) -> PathBuf {
@@ -30,11 +30,41 @@ fn daemon_config(dir: &Path, reg: &Server) -> PathBuf {
     cfg
 }
 
-/// Whole-blob GETs of `digest` answered 200 (a lazily served layer has only ranged 206s).
-fn whole_gets(log: &str, digest: &str) -> usize {
-    log.lines()
-        .filter(|l| l.contains(&format!("/blobs/{digest} ")) && l.contains("\" 200 "))
-        .count()
+/// A manifest or index of `repo` from the registry, as JSON.
+async fn manifest_json(reg: &Server, repo: &str, reference: &str) -> serde_json::Value {
+    let body = reqwest::Client::new()
+        .get(format!(
+            "http://{}/v2/{repo}/manifests/{reference}",
+            reg.addr()
+        ))
+        .header(
+            "Accept",
+            "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json",
+        )
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    serde_json::from_slice(&body).unwrap()
+}
+
+/// The layer digests of image manifest `reference`, each checked to be zstd:chunked.
+async fn chunked_layers(reg: &Server, repo: &str, reference: &str) -> Vec<String> {
+    let manifest = manifest_json(reg, repo, reference).await;
+    manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            assert!(
+                l["annotations"]["io.github.containers.zstd-chunked.manifest-checksum"].is_string(),
+                "a zstd:chunked layer: {l}"
+            );
+            l["digest"].as_str().unwrap().to_string()
+        })
+        .collect()
 }
 
 fn fixture() -> (Vec<u8>, serde_json::Value) {
@@ -132,7 +162,7 @@ async fn zstd_chunked_layer_is_served_file_by_file_and_verified() {
         desc["annotations"]["io.github.containers.zstd-chunked.manifest-checksum"]
     );
     let log = reg.log_text()[before..].to_string();
-    assert_eq!(whole_gets(&log, &digest), 0, "{log}");
+    assert_eq!(whole_blob_gets(&log, &digest), 0, "{log}");
     assert!(log.contains(" 206 "), "ranged reads: {log}");
 }
 
@@ -221,31 +251,7 @@ async fn zstd_chunked_image_pushed_by_podman_runs_lazily() {
         &image,
     ]);
     chroot.podman(&["rmi", "-af"]);
-    let manifest = reqwest::Client::new()
-        .get(format!(
-            "http://{}/v2/test/app/manifests/v1-zstd",
-            reg.addr()
-        ))
-        .header("Accept", "application/vnd.oci.image.manifest.v1+json")
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
-    let digests: Vec<String> = manifest["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| {
-            assert!(
-                l["annotations"]["io.github.containers.zstd-chunked.manifest-checksum"].is_string(),
-                "podman pushed zstd:chunked: {l}"
-            );
-            l["digest"].as_str().unwrap().to_string()
-        })
-        .collect();
+    let digests = chunked_layers(&reg, "test/app", "v1-zstd").await;
 
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(
@@ -255,21 +261,10 @@ async fn zstd_chunked_image_pushed_by_podman_runs_lazily() {
     );
     let before = reg.log_text().len();
     chroot.podman(&["pull", "-q", "--tls-verify=false", &image]);
-    let out = chroot.podman(&[
-        "run",
-        "--rm",
-        "--network",
-        "none",
-        &image,
-        "/bin/busybox",
-        "sh",
-        "-c",
-        LIST_FILES,
-    ]);
-    assert_eq!(String::from_utf8_lossy(&out.stdout), plain);
+    assert_eq!(chroot.run_listing(&image), plain);
     let log = reg.log_text()[before..].to_string();
     for d in &digests {
-        assert_eq!(whole_gets(&log, d), 0, "{d} downloaded whole:\n{log}");
+        assert_eq!(whole_blob_gets(&log, d), 0, "{d} downloaded whole:\n{log}");
     }
     let dlog = daemon.log_text();
     assert!(dlog.contains(" use"), "podman 5 used the store: {dlog}");
@@ -285,7 +280,7 @@ async fn zstd_chunked_image_pushed_by_podman_runs_lazily() {
     let log = reg.log_text()[before..].to_string();
     for d in &digests {
         assert_eq!(
-            whole_gets(&log, d),
+            whole_blob_gets(&log, d),
             0,
             "podman 4: {d} downloaded whole:\n{log}"
         );
@@ -481,7 +476,7 @@ async fn zstd_chunked_and_soci_indexed_layers_mix() {
     let log = reg.log_text()[before..].to_string();
     // The two indexed gzip layers and the zstd:chunked one: none downloaded whole.
     for d in [&digests[0], &digests[1], &digests[3]] {
-        assert_eq!(whole_gets(&log, d), 0, "{d} downloaded whole:\n{log}");
+        assert_eq!(whole_blob_gets(&log, d), 0, "{d} downloaded whole:\n{log}");
     }
 
     let mut p4 = Podman::new();
@@ -495,7 +490,7 @@ async fn zstd_chunked_and_soci_indexed_layers_mix() {
     // podman 4 asks the store by compressed digest: the zstd:chunked layer is lazy there too.
     for d in [&digests[0], &digests[1], &digests[3]] {
         assert_eq!(
-            whole_gets(&log, d),
+            whole_blob_gets(&log, d),
             0,
             "podman 4: {d} downloaded whole:\n{log}"
         );
@@ -551,45 +546,12 @@ async fn zstd_chunked_convert_rewrites_plain_zstd_layers() {
     assert!(run.status.success(), "{err}");
     assert_eq!(err.matches("rewritten as zstd:chunked").count(), 3, "{err}");
 
-    let manifest = reqwest::Client::new()
-        .get(format!(
-            "http://{}/v2/plain/zstd/manifests/v1-chunked",
-            reg.addr()
-        ))
-        .header("Accept", "application/vnd.oci.image.index.v1+json")
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    let index: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    let index = manifest_json(&reg, "plain/zstd", "v1-chunked").await;
     let m = index["manifests"][0]["digest"]
         .as_str()
         .unwrap()
         .to_string();
-    let manifest = reqwest::Client::new()
-        .get(format!("http://{}/v2/plain/zstd/manifests/{m}", reg.addr()))
-        .header("Accept", "application/vnd.oci.image.manifest.v1+json")
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
-    let digests: Vec<String> = manifest["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| {
-            assert!(
-                l["annotations"]["io.github.containers.zstd-chunked.manifest-checksum"].is_string(),
-                "{l}"
-            );
-            l["digest"].as_str().unwrap().to_string()
-        })
-        .collect();
+    let digests = chunked_layers(&reg, "plain/zstd", &m).await;
 
     let chroot = Chroot::enter();
     let mnt = chroot.root.join("var/lib/soci-store/store");
@@ -601,21 +563,10 @@ async fn zstd_chunked_convert_rewrites_plain_zstd_layers() {
     let daemon = Daemon::start(&cfg, &mnt, &dir.path().join("daemon.log"));
     let before = reg.log_text().len();
     chroot.podman(&["pull", "-q", "--tls-verify=false", &image]);
-    let out = chroot.podman(&[
-        "run",
-        "--rm",
-        "--network",
-        "none",
-        &image,
-        "/bin/busybox",
-        "sh",
-        "-c",
-        LIST_FILES,
-    ]);
-    assert_eq!(String::from_utf8_lossy(&out.stdout), plain);
+    assert_eq!(chroot.run_listing(&image), plain);
     let log = reg.log_text()[before..].to_string();
     for d in &digests {
-        assert_eq!(whole_gets(&log, d), 0, "{d} downloaded whole:\n{log}");
+        assert_eq!(whole_blob_gets(&log, d), 0, "{d} downloaded whole:\n{log}");
     }
     assert!(daemon.log_text().contains(" use"), "{}", daemon.log_text());
 }

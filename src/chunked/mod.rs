@@ -204,7 +204,7 @@ fn check_within(key: &'static str, p: &Position, blob_size: u64) -> Result<()> {
 }
 
 /// Decompresses a zstd stream that must give exactly `size` bytes.
-fn decompress(compressed: &[u8], size: u64) -> std::result::Result<Vec<u8>, String> {
+pub(crate) fn decompress(compressed: &[u8], size: u64) -> std::result::Result<Vec<u8>, String> {
     let mut out = Vec::with_capacity(size.min(64 << 20) as usize);
     let decoder = zstd::stream::read::Decoder::new(compressed).map_err(|e| e.to_string())?;
     decoder

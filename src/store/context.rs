@@ -206,27 +206,26 @@ impl StoreContext {
                 .layers
                 .iter()
                 .any(|l| l.annotations.contains_key(crate::chunked::ANN_TOC_DIGEST));
-            let diff_ids = match found.is_some() || chunked {
-                true => {
-                    let cfg = &manifest.config;
-                    if cfg.size > crate::fetch::registry::MAX_MANIFEST_BYTES as u64 {
-                        return Err(LookupError::Mismatch(format!(
-                            "{r}: image config of {} bytes",
-                            cfg.size
-                        )));
-                    }
-                    let bytes = self
-                        .fetchers()
-                        .read_blob(&BlobLocator::new(r.clone(), &cfg.digest), cfg.size)
-                        .await?;
-                    let cfg: crate::index::ImageConfig =
-                        serde_json::from_slice(&bytes).map_err(|source| LookupError::Json {
-                            what: format!("{r}: image config"),
-                            source,
-                        })?;
-                    cfg.rootfs.diff_ids
+            let diff_ids = if found.is_some() || chunked {
+                let cfg = &manifest.config;
+                if cfg.size > crate::fetch::registry::MAX_MANIFEST_BYTES as u64 {
+                    return Err(LookupError::Mismatch(format!(
+                        "{r}: image config of {} bytes",
+                        cfg.size
+                    )));
                 }
-                false => Vec::new(),
+                let bytes = self
+                    .fetchers()
+                    .read_blob(&BlobLocator::new(r.clone(), &cfg.digest), cfg.size)
+                    .await?;
+                let cfg: crate::index::ImageConfig =
+                    serde_json::from_slice(&bytes).map_err(|source| LookupError::Json {
+                        what: format!("{r}: image config"),
+                        source,
+                    })?;
+                cfg.rootfs.diff_ids
+            } else {
+                Vec::new()
             };
             Ok(Arc::new(ImageInfo {
                 reference: r,

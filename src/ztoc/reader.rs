@@ -118,23 +118,9 @@ pub fn verify_span(ztoc: &Ztoc, id: usize, bytes: &[u8]) -> Result<()> {
 /// The uncompressed bytes of chunk `id` of a zstd:chunked layer from its compressed bytes:
 /// exactly the chunk's length, or an error.
 fn decode_chunk(ztoc: &Ztoc, id: usize, bytes: &[u8]) -> Result<Vec<u8>> {
-    use std::io::Read;
     let span = ztoc.span(id);
-    let len = span.uncompressed.end - span.uncompressed.start;
-    let corrupt = |m: String| ZtocError::CorruptLayer(format!("chunk {id}: {m}"));
-    let mut out = Vec::with_capacity(len as usize);
-    zstd::stream::read::Decoder::new(bytes)
-        .map_err(|e| corrupt(e.to_string()))?
-        .take(len + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| corrupt(e.to_string()))?;
-    if out.len() as u64 != len {
-        return Err(corrupt(format!(
-            "{} bytes where {len} were expected",
-            out.len()
-        )));
-    }
-    Ok(out)
+    crate::chunked::decompress(bytes, span.uncompressed.end - span.uncompressed.start)
+        .map_err(|m| ZtocError::CorruptLayer(format!("chunk {id}: {m}")))
 }
 
 /// Fills `out` with uncompressed bytes of span `id` starting `skip` bytes into the span.

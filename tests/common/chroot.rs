@@ -79,6 +79,22 @@ impl Chroot {
         c
     }
 
+    /// podman 5's file listing of `image` from inside a container ([`super::podman::LIST_FILES`]).
+    pub fn run_listing(&self, image: &str) -> String {
+        let out = self.podman(&[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            image,
+            "/bin/busybox",
+            "sh",
+            "-c",
+            super::podman::LIST_FILES,
+        ]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     pub fn mount(&mut self, args: &[&str], at: &Path) {
         sh(Command::new("mount").args(args));
         self.mounts.push(at.to_path_buf());

@@ -34,6 +34,25 @@ impl Drop for Server {
     }
 }
 
+/// Writes an auth file (podman's and docker's format) with `user:password` for `registry`.
+pub fn auth_file(path: &Path, registry: &str, user: &str, password: &str) {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    std::fs::write(
+        path,
+        serde_json::json!({"auths": {registry: {"auth": b64}}}).to_string(),
+    )
+    .unwrap();
+}
+
+/// Lines of a registry access log that downloaded blob `digest` whole (answered 200; a lazily
+/// served layer gets only ranged 206s).
+pub fn whole_blob_gets(log: &str, digest: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains(&format!("/blobs/{digest} ")) && l.contains("\" 200 "))
+        .count()
+}
+
 impl Server {
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
