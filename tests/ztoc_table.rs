@@ -120,3 +120,65 @@ fn a_tampered_window_or_table_is_refused() {
     // A zTOC is not a table.
     assert!(table::decode_table(&soci_store::ztoc::format::encode(&z).unwrap()).is_err());
 }
+
+/// `build_with_table` makes, in the same pass, a table with finer spans than the zTOC: the zTOC
+/// is exactly what `build` makes (upstream tools see no difference), the table's checkpoints
+/// include every zTOC checkpoint (flagged, so prefetch artifacts map onto table spans), its span
+/// digests verify against the layer, and it reads every file like the zTOC.
+#[test]
+fn a_finer_table_is_built_beside_the_same_ztoc() {
+    let (_tar, gz, z, expected) = test_layer();
+    let opts = soci_store::ztoc::BuildOptions {
+        span_size: z.span_size,
+        min_layer_size: 0,
+        ..Default::default()
+    };
+    let (z2, split) = soci_store::ztoc::builder::build_with_table(
+        &gz[..],
+        &opts,
+        Some(z.span_size / 4),
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(z2, z, "the zTOC does not change with a table beside it");
+    let t = table::decode_table(&split.as_ref().unwrap().table).unwrap();
+    let windows = split.unwrap().windows;
+    assert_eq!(t.entries, z.entries);
+    assert_eq!(t.span_size, z.span_size / 4);
+    assert!(
+        t.span_count() > 2 * z.span_count(),
+        "{} table spans for {} zTOC spans",
+        t.span_count(),
+        z.span_count()
+    );
+    // Every zTOC checkpoint is a table checkpoint, and the flags say which.
+    let (Compression::Gzip { checkpoints: zc }, Compression::Gzip { checkpoints: tc }) =
+        (&z.compression, &t.compression)
+    else {
+        panic!("gzip")
+    };
+    let starts = table::ztoc_span_starts(&t);
+    assert_eq!(starts.len(), zc.len());
+    for (j, &i) in starts.iter().enumerate() {
+        assert_eq!(
+            (tc[i].input, tc[i].output, tc[i].bits),
+            (zc[j].input, zc[j].output, zc[j].bits)
+        );
+    }
+    for id in 0..t.span_count() {
+        let c = t.span(id).compressed;
+        soci_store::ztoc::reader::verify_span(&t, id, &gz[c.start as usize..c.end as usize])
+            .unwrap();
+    }
+    let reader = LayerReader::new(
+        Arc::new(t),
+        Split {
+            blob: gz.clone(),
+            windows,
+        },
+    );
+    for e in &expected {
+        let idx = z.find(&e.name).unwrap();
+        assert_eq!(reader.read_file(idx).unwrap(), e.data, "{:?}", e.name);
+    }
+}

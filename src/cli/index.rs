@@ -39,6 +39,10 @@ pub struct BuildArgs {
     /// fetches each layer's whole zTOC at lookup, as upstream's snapshotter does).
     #[arg(long)]
     no_ztoc_table: bool,
+    /// Uncompressed bytes per span of the zTOC tables the store reads (at most --span-size):
+    /// smaller spans fetch less for a start; the zTOC itself keeps --span-size.
+    #[arg(long, default_value = "128KiB", value_parser = parse_size, conflicts_with = "no_ztoc_table")]
+    table_span_size: u64,
     /// No progress or summary; errors only.
     #[arg(long, conflicts_with = "json")]
     quiet: bool,
@@ -61,12 +65,16 @@ impl BuildArgs {
                     .collect::<Result<_, _>>()?,
             )
         };
-        if self.span_size == 0 || self.span_size > crate::ztoc::MAX_BUILD_SPAN_SIZE {
-            anyhow::bail!(
-                "--span-size {}: must be between 1 and {} bytes (spans are read whole)",
-                self.span_size,
-                crate::ztoc::MAX_BUILD_SPAN_SIZE
-            );
+        for (flag, size) in [
+            ("--span-size", self.span_size),
+            ("--table-span-size", self.table_span_size),
+        ] {
+            if size == 0 || size > crate::ztoc::MAX_BUILD_SPAN_SIZE {
+                anyhow::bail!(
+                    "{flag} {size}: must be between 1 and {} bytes (spans are read whole)",
+                    crate::ztoc::MAX_BUILD_SPAN_SIZE
+                );
+            }
         }
         Ok(ConvertOptions {
             span_size: self.span_size,
@@ -76,6 +84,7 @@ impl BuildArgs {
             concurrency: self.jobs.max(1),
             prefetch_files: self.prefetch_files.clone(),
             ztoc_tables: !self.no_ztoc_table,
+            table_span_size: self.table_span_size,
             zstd_chunked: Default::default(),
         })
     }

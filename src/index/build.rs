@@ -67,21 +67,22 @@ pub(super) async fn process_layer(
     src: &Endpoint,
     dst: &Endpoint,
     layer: &Descriptor,
-    build: Option<BuildOptions>,
+    build: Option<(BuildOptions, Option<u64>)>,
     upload: bool,
     progress: &dyn Progress,
-) -> Result<Option<(Ztoc, Vec<u8>)>, IndexError> {
+) -> Result<Option<Built>, IndexError> {
     let mut stream = src.blob_stream(&layer.digest).await?;
     let (ztx, zrx) = mpsc::channel::<Bytes>(8);
-    let builder = build.map(|opts| {
+    let builder = build.map(|(opts, table_span_size)| {
         tokio::task::spawn_blocking(move || {
             let reader = ChannelReader {
                 rx: zrx,
                 cur: Bytes::new(),
             };
-            ztoc::build(
+            ztoc::builder::build_with_table(
                 std::io::BufReader::with_capacity(256 << 10, reader),
                 &opts,
+                table_span_size,
                 &mut |_| {},
             )
         })
@@ -146,11 +147,18 @@ pub(super) async fn process_layer(
     match builder {
         None => Ok(None),
         Some(b) => {
-            let z = b.await.map_err(|e| IndexError::Other(e.to_string()))??;
-            let bytes = format::encode(&z)?;
-            Ok(Some((z, bytes)))
+            let (ztoc, table) = b.await.map_err(|e| IndexError::Other(e.to_string()))??;
+            let bytes = format::encode(&ztoc)?;
+            Ok(Some(Built { ztoc, bytes, table }))
         }
     }
+}
+
+/// A layer's zTOC, encoded, and its table form when asked for.
+pub(super) struct Built {
+    pub ztoc: Ztoc,
+    pub bytes: Vec<u8>,
+    pub table: Option<ztoc::table::Split>,
 }
 
 /// The zTOC layer descriptor for an indexed image layer.
@@ -175,9 +183,8 @@ pub(super) fn ztoc_descriptor(layer: &Descriptor, z: &Ztoc, bytes: &[u8]) -> Des
 pub(super) fn table_artifacts(
     layer: &Descriptor,
     zdesc: &Descriptor,
-    z: &Ztoc,
-) -> Result<Vec<(Descriptor, Vec<u8>)>, IndexError> {
-    let split = ztoc::table::split(z)?;
+    split: ztoc::table::Split,
+) -> Vec<(Descriptor, Vec<u8>)> {
     let mut out = Vec::new();
     for (mt, bytes) in [
         (MT_ZTOC_TABLE, split.table),
@@ -193,7 +200,7 @@ pub(super) fn table_artifacts(
             .insert(ANN_TABLE_ZTOC_DIGEST.into(), zdesc.digest.to_string());
         out.push((d, bytes));
     }
-    Ok(out)
+    out
 }
 
 /// The SOCI prefetch artifact (formats.md §2.1) for the `files` of one layer: the spans holding
@@ -286,7 +293,8 @@ pub(super) async fn index_layers(
                     }
                 }
             }
-            let build = eligible.is_ok().then_some(build_opts);
+            let table_span = opts.ztoc_tables.then_some(opts.table_span_size);
+            let build = eligible.is_ok().then_some((build_opts, table_span));
             let built = if build.is_some() || upload {
                 process_layer(src, dst, layer, build, upload, progress).await?
             } else {
@@ -296,10 +304,16 @@ pub(super) async fn index_layers(
                 note_push(&mut note, "copied");
             }
             let mut artifacts = Vec::new();
-            if let Some((z, bytes)) = &built {
+            let mut built = built;
+            if let Some(Built {
+                ztoc: z,
+                bytes,
+                table,
+            }) = &mut built
+            {
                 let zdesc = ztoc_descriptor(layer, z, bytes);
-                if opts.ztoc_tables {
-                    artifacts.extend(table_artifacts(layer, &zdesc, z)?);
+                if let Some(split) = table.take() {
+                    artifacts.extend(table_artifacts(layer, &zdesc, split));
                 }
                 artifacts.insert(0, (zdesc, bytes.clone()));
                 if let Some(p) = prefetch_artifact(z, &opts.prefetch_files) {
@@ -314,8 +328,8 @@ pub(super) async fn index_layers(
             let report = LayerReport {
                 digest: layer.digest.clone(),
                 size: layer.size,
-                ztoc: built.as_ref().map(|(_, b)| sha256_digest(b)),
-                spans: built.as_ref().map_or(0, |(z, _)| z.span_count()),
+                ztoc: built.as_ref().map(|b| sha256_digest(&b.bytes)),
+                spans: built.as_ref().map_or(0, |b| b.ztoc.span_count()),
                 note,
             };
             progress.layer_done(&report);

@@ -43,6 +43,9 @@ pub struct ConvertOptions {
     /// the store prefers: a lazy start then fetches the table at lookup and a window per span
     /// read, not the whole zTOC. Upstream tools ignore both blobs.
     pub ztoc_tables: bool,
+    /// Uncompressed bytes per span of those tables (at most `span_size`): finer than the zTOC's,
+    /// so a start fetches less, while the zTOC upstream tools read keeps its size.
+    pub table_span_size: u64,
     /// Layers rewritten as zstd:chunked before indexing (`convert` only).
     pub zstd_chunked: super::rewrite::ZstdChunked,
 }
@@ -57,6 +60,7 @@ impl Default for ConvertOptions {
             concurrency: 3,
             prefetch_files: Vec::new(),
             ztoc_tables: true,
+            table_span_size: ztoc::table::TABLE_SPAN_SIZE,
             zstd_chunked: Default::default(),
         }
     }

@@ -14,10 +14,7 @@ use crate::cache::{SpanCache, SpanKey};
 use crate::fetch::{BlobLocator, FetchError, FetcherChain};
 use crate::report::Chain;
 use crate::ztoc::reader::verify_span;
-use crate::ztoc::{WindowRef, Ztoc};
-
-/// At most this many windows of read-ahead spans come with one request.
-const WINDOW_BATCH: usize = 8;
+use crate::ztoc::Ztoc;
 
 mod remote;
 pub use remote::RemoteLayer;
@@ -223,93 +220,6 @@ impl SpanStore {
             .await
     }
 
-    /// The windows of spans `ids` that are stored apart and neither cached nor being fetched,
-    /// in runs that follow each other in the windows blob (at most [`WINDOW_BATCH`] a run).
-    fn window_runs(
-        &self,
-        windows: &BlobLocator,
-        ztoc: &Ztoc,
-        ids: &[usize],
-    ) -> Vec<Vec<(usize, WindowRef)>> {
-        let crate::ztoc::Compression::Gzip { checkpoints } = &ztoc.compression else {
-            return Vec::new();
-        };
-        let mut runs: Vec<Vec<(usize, WindowRef)>> = Vec::new();
-        for &i in ids {
-            let crate::ztoc::Window::Remote(r) = &checkpoints[i].window else {
-                continue;
-            };
-            if self.cached_or_pending(&SpanKey::new(&windows.digest, i)) {
-                continue;
-            }
-            let joins = runs
-                .last()
-                .and_then(|run| run.last())
-                .is_some_and(|(_, prev)| prev.offset + u64::from(prev.len) == r.offset);
-            match runs.last_mut() {
-                Some(run) if joins && run.len() < WINDOW_BATCH => run.push((i, r.clone())),
-                _ => runs.push(vec![(i, r.clone())]),
-            }
-        }
-        runs
-    }
-
-    /// The windows of `batch` (consecutive in the windows blob) with one ranged request; each
-    /// verified and cached through its own single-flight cell (one that fails verification is
-    /// fetched again alone).
-    async fn fetch_windows(
-        &self,
-        windows: &BlobLocator,
-        ztoc: &Ztoc,
-        batch: &[(usize, WindowRef)],
-        purpose: Purpose,
-    ) -> Vec<Result<Bytes, Arc<FetchError>>> {
-        let (Some((a, first)), Some((b, last))) = (batch.first(), batch.last()) else {
-            return Vec::new();
-        };
-        let range = first.offset..last.offset + u64::from(last.len);
-        let what = if b > a {
-            format!("{}#{a}-{b}", windows.digest)
-        } else {
-            format!("{}#{a}", windows.digest)
-        };
-        let fetched = async {
-            let traced = self.traced("window", what, purpose);
-            let read = self.read_counted(windows, range.clone()).await;
-            match &read {
-                Ok(d) => traced.done(d.len() as u64, ""),
-                Err(_) => traced.done(0, "error"),
-            }
-            read.map_err(Arc::new)
-        }
-        .shared();
-        let flights = batch.iter().map(|(id, r)| {
-            let fetched = fetched.clone();
-            let key = SpanKey::new(&windows.digest, *id);
-            let start = (r.offset - range.start) as usize;
-            async move {
-                let one = async {
-                    let all = fetched.await?;
-                    let data = all.slice(start..start + r.len as usize);
-                    match crate::ztoc::table::open_window(r, &data) {
-                        Ok(w) => {
-                            let w = Bytes::from(w.into_vec());
-                            self.cache.put(&key, w.clone());
-                            Ok(w)
-                        }
-                        Err(e) => {
-                            tracing::warn!(%windows, span = id, "fetched window failed verification: {e}");
-                            let again = self.fetch_window(windows, ztoc, *id, &key, purpose);
-                            again.await.map_err(Arc::new)
-                        }
-                    }
-                };
-                self.single_flight(&key, one).await
-            }
-        });
-        futures::future::join_all(flights).await
-    }
-
     /// `range` of `blob` from the fetchers, counted in the stats (bytes, or an error).
     async fn read_counted(
         &self,
@@ -328,7 +238,7 @@ impl SpanStore {
     }
 
     /// Whether `key` is cached or being fetched.
-    fn cached_or_pending(&self, key: &SpanKey) -> bool {
+    pub(crate) fn cached_or_pending(&self, key: &SpanKey) -> bool {
         self.cache.contains(key)
             || self
                 .inflight
@@ -337,21 +247,32 @@ impl SpanStore {
                 .contains_key(key)
     }
 
-    /// Of spans `ids` of `blob`, those neither cached nor being fetched.
-    fn missing(&self, blob: &BlobLocator, ids: Range<usize>) -> Vec<usize> {
-        ids.filter(|&i| !self.cached_or_pending(&SpanKey::new(&blob.digest, i)))
-            .collect()
+    /// Of spans `ids` of `blob`, those neither cached nor being fetched, now counted as being
+    /// fetched (the caller fetches them next): a reader reaching one meanwhile joins that fetch
+    /// instead of fetching it again.
+    fn claim_missing(&self, blob: &BlobLocator, ids: Range<usize>) -> Vec<usize> {
+        let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        ids.filter(|&i| {
+            let key = SpanKey::new(&blob.digest, i);
+            if self.cache.contains(&key) || inflight.contains_key(&key) {
+                return false;
+            }
+            inflight.insert(key, Flight::default());
+            true
+        })
+        .collect()
     }
 
     /// Spans `ids` of `blob` (in blob order) with one ranged request covering them and whatever
     /// lies between (a zstd:chunked layer's tar headers); each verified and cached through its
-    /// own single-flight cell (one that fails verification is fetched again alone). The first
-    /// one's bytes.
+    /// own single-flight cell (one that fails verification is fetched again alone). The bytes of
+    /// span `want` (one of `ids`; the first when it is none of them).
     pub async fn span_run(
         &self,
         blob: &BlobLocator,
         ztoc: &Ztoc,
         ids: &[usize],
+        want: usize,
         purpose: Purpose,
     ) -> Result<Bytes, Arc<FetchError>> {
         let (Some(&first), Some(&last)) = (ids.first(), ids.last()) else {
@@ -397,41 +318,49 @@ impl SpanStore {
             }
         });
         let mut results = futures::future::join_all(flights).await;
-        results.swap_remove(0)
+        let at = ids.iter().position(|&i| i == want).unwrap_or(0);
+        results.swap_remove(at)
     }
 
-    /// Read-ahead: fetches spans `ids` of `blob` (and their windows from `windows`, when the
-    /// zTOC stores them apart), each with its own request, all at once, each verified before it
-    /// is cached. A reader reaching one of them joins its fetch. Errors are only counted and
-    /// logged: a reader that needs one of these spans fetches it itself.
+    /// Read-ahead: fetches spans `ids` of `blob` (in order), each run of consecutive ones with
+    /// one request, each span verified before it is cached, and, when the zTOC stores windows
+    /// apart (`windows`), the window of each run's first span that `at_hand` says is missing
+    /// (the others are derived from the spans before them when read). A reader reaching one of
+    /// them joins its fetch. Errors are only counted and logged: a reader that needs one of
+    /// these spans fetches it itself.
     pub async fn fetch_ahead(
         &self,
         blob: &BlobLocator,
         windows: Option<&BlobLocator>,
         ztoc: &Ztoc,
         ids: &[usize],
+        window_at_hand: impl Fn(usize) -> bool,
     ) {
-        let spans = ids.iter().map(|&id| async move {
-            if let Err(e) = self.span_for(blob, ztoc, id, Purpose::Ahead).await {
-                tracing::debug!(%blob, span = id, "read-ahead: {}", Chain(&*e));
+        let mut runs: Vec<Vec<usize>> = Vec::new();
+        for &id in ids {
+            match runs.last_mut() {
+                Some(run) if run.last() == Some(&(id.wrapping_sub(1))) => run.push(id),
+                _ => runs.push(vec![id]),
+            }
+        }
+        let fetches = runs.iter().map(|run| {
+            let first = run[0];
+            let window = windows.filter(|_| !window_at_hand(first));
+            async move {
+                let spans = self.span_run(blob, ztoc, run, first, Purpose::Ahead);
+                let window = async {
+                    match window {
+                        Some(w) => self.window(w, ztoc, first, Purpose::Ahead).await.map(drop),
+                        None => Ok(()),
+                    }
+                };
+                let (s, w) = futures::join!(spans, window);
+                if let Err(e) = s.and(w) {
+                    tracing::debug!(%blob, span = first, "read-ahead: {}", Chain(&*e));
+                }
             }
         });
-        // The windows of those spans, several per request: they are small.
-        let runs = windows.map(|w| (w, self.window_runs(w, ztoc, ids)));
-        let windows = runs.iter().flat_map(|(w, runs)| {
-            runs.iter().map(move |run| async move {
-                for r in self.fetch_windows(w, ztoc, run, Purpose::Ahead).await {
-                    if let Err(e) = r {
-                        tracing::debug!(%w, "read-ahead window: {}", Chain(&*e));
-                    }
-                }
-            })
-        });
-        futures::future::join(
-            futures::future::join_all(spans),
-            futures::future::join_all(windows),
-        )
-        .await;
+        futures::future::join_all(fetches).await;
     }
 
     async fn fetch_window(

@@ -16,6 +16,9 @@ use crate::report::Chain;
 /// than the gap between podman's pull and its container's first reads.
 const BACKGROUND_QUIET_MS: u64 = 1500;
 
+/// Background fetching takes spans in runs of at most this many compressed bytes a request.
+const BACKGROUND_RUN_BYTES: u64 = 1 << 20;
+
 impl StoreContext {
     /// Whether background work may use the link now: no resolution under way, no reader
     /// waiting, and nothing of either for a while (a start reads in bursts; pull, container
@@ -33,11 +36,13 @@ impl StoreContext {
         crate::spans::now_ms().saturating_sub(last) >= BACKGROUND_QUIET_MS
     }
 
-    /// The spans a SOCI prefetch artifact lists, highest priority (lowest number) first.
+    /// The spans of `ztoc` (the layer's zTOC, or its table, whose spans may be finer) that hold
+    /// the zTOC spans a SOCI prefetch artifact lists, highest priority (lowest number) first.
     pub(super) async fn prefetch_spans(
         &self,
         r: &Reference,
         d: &crate::index::Descriptor,
+        ztoc: &crate::ztoc::Ztoc,
     ) -> Vec<usize> {
         #[derive(serde::Deserialize)]
         struct Range {
@@ -63,9 +68,12 @@ impl StoreContext {
             return Vec::new();
         };
         p.prefetch_spans.sort_by_key(|r| r.priority);
+        let starts = crate::ztoc::table::ztoc_span_starts(ztoc);
+        let first_of = |j: usize| starts.get(j).copied().unwrap_or(ztoc.span_count());
         p.prefetch_spans
             .iter()
-            .flat_map(|r| r.start_span..=r.end_span.min(r.start_span + 100_000))
+            .filter(|r| r.start_span <= r.end_span && r.start_span < starts.len())
+            .flat_map(|r| first_of(r.start_span)..first_of(r.end_span.saturating_add(1)))
             .collect()
     }
 
@@ -186,27 +194,40 @@ impl StoreContext {
         Ok(())
     }
 
-    /// Fetches span `id` of `layer` into the cache, paced to `background_rate`.
+    /// Fetches span `id` of `layer` into the cache with the missing spans after it (one
+    /// request of at most [`BACKGROUND_RUN_BYTES`]) and the window of the first, when windows
+    /// are stored apart and it is not at hand (the others are derived from the spans before
+    /// them when read); paced to `background_rate`.
     async fn background_span(
         &self,
         layer: &Layer,
         id: usize,
     ) -> Result<(), Arc<crate::fetch::FetchError>> {
-        let was_cached = self
-            .spans
-            .cache()
-            .contains(&crate::cache::SpanKey::new(&layer.blob.digest, id));
         let bg = crate::spans::Purpose::Background;
-        // The window first: a span counted as fetched is then readable on its own.
-        if let Some(w) = layer.reader.source().windows() {
-            self.spans.window(w, &layer.ztoc, id, bg).await?;
+        let source = layer.reader.source();
+        let key = crate::cache::SpanKey::new(&layer.blob.digest, id);
+        if self.spans.cached_or_pending(&key) {
+            self.spans
+                .span_for(&layer.blob, &layer.ztoc, id, bg)
+                .await?;
+            return Ok(());
         }
-        let bytes = self
-            .spans
-            .span_for(&layer.blob, &layer.ztoc, id, bg)
-            .await?;
-        if let (Some(rate), false) = (self.background_rate, was_cached) {
-            let secs = bytes.len() as f64 / rate.max(1) as f64;
+        let run = source.run_from(&layer.ztoc, id, BACKGROUND_RUN_BYTES);
+        let (spans, window) = futures::join!(
+            self.spans.span_run(&layer.blob, &layer.ztoc, &run, id, bg),
+            source.fetch_window_unless_at_hand(&layer.ztoc, id, bg)
+        );
+        window?;
+        spans?;
+        if let Some(rate) = self.background_rate {
+            let bytes: u64 = run
+                .iter()
+                .map(|&i| {
+                    let c = layer.ztoc.span(i).compressed;
+                    c.end - c.start
+                })
+                .sum();
+            let secs = bytes as f64 / rate.max(1) as f64;
             tokio::time::sleep(Duration::from_secs_f64(secs)).await;
         }
         Ok(())

@@ -494,7 +494,9 @@ impl StoreContext {
             uses: AtomicI64::new(0),
         };
         let prefetch = match found.prefetch_for(&layer_desc.digest) {
-            Some(d) if self.background_fetch => self.prefetch_spans(&image.reference, d).await,
+            Some(d) if self.background_fetch => {
+                self.prefetch_spans(&image.reference, d, &layer.ztoc).await
+            }
             _ => Vec::new(),
         };
         Ok(Some(self.start(layer, prefetch)))

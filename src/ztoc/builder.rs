@@ -5,14 +5,20 @@
 //! bytes were output since the last one (formats.md §1.2), so checkpoints land where upstream's do.
 //! The inflated stream feeds the tar scanner, and every compressed byte feeds the current span's
 //! sha256. Memory stays bounded: fixed buffers plus 32 KiB per checkpoint and the entry table.
+//!
+//! [`build_with_table`] also makes, in the same pass, the layer's table form ([`super::table`])
+//! with finer spans than the zTOC: its checkpoints are the zTOC's plus one wherever more than the
+//! table's span size was output since the last, and their windows go compressed into the
+//! windows blob as they are met (~12 KiB each, not 32 KiB held until the end).
 
 use std::io::{ErrorKind, Read};
 
 use sha2::{Digest, Sha256};
 
+use super::table::{self, Split};
 use super::tar::TarScanner;
 use super::{
-    Checkpoint, Compression, Ztoc, ZtocError, BUILD_TOOL, DEFAULT_MIN_LAYER_SIZE,
+    Checkpoint, Compression, Window, Ztoc, ZtocError, BUILD_TOOL, DEFAULT_MIN_LAYER_SIZE,
     MAX_BUILD_SPAN_SIZE, UPSTREAM_SPAN_SIZE, WINDOW_SIZE, ZTOC_VERSION,
 };
 use crate::sys::zlib::{Format, Inflater};
@@ -87,28 +93,40 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<usize> {
 
 /// Builds the zTOC of a layer blob read from `input`. `progress` gets the compressed bytes
 /// consumed so far.
-pub fn build(
+pub fn build(input: impl Read, opts: &BuildOptions, progress: &mut dyn FnMut(u64)) -> Result<Ztoc> {
+    Ok(build_with_table(input, opts, None, progress)?.0)
+}
+
+/// [`build`], and with `table_span_size` the layer's table form too, its spans that size (at
+/// most the zTOC's; plain tar layers get a table with the zTOC's spans).
+pub fn build_with_table(
     mut input: impl Read,
     opts: &BuildOptions,
+    table_span_size: Option<u64>,
     progress: &mut dyn FnMut(u64),
-) -> Result<Ztoc> {
-    if opts.span_size == 0 {
-        return Err(ZtocError::Invalid("span size must be positive".into()));
-    }
-    if opts.span_size > MAX_BUILD_SPAN_SIZE {
-        return Err(ZtocError::Invalid(format!(
-            "span size {} is larger than the {MAX_BUILD_SPAN_SIZE} accepted (spans are read whole)",
-            opts.span_size
-        )));
+) -> Result<(Ztoc, Option<Split>)> {
+    for size in [Some(opts.span_size), table_span_size]
+        .into_iter()
+        .flatten()
+    {
+        if size == 0 {
+            return Err(ZtocError::Invalid("span size must be positive".into()));
+        }
+        if size > MAX_BUILD_SPAN_SIZE {
+            return Err(ZtocError::Invalid(format!(
+                "span size {size} is larger than the {MAX_BUILD_SPAN_SIZE} accepted (spans are read whole)"
+            )));
+        }
     }
     let mut inbuf = vec![0u8; IN_BUF];
     let head = read_full(&mut input, &mut inbuf)?;
     if head == 0 {
         return Err(ZtocError::InvalidTar("empty layer".into()));
     }
-    let ztoc = match detect(&inbuf[..head])? {
-        BlobKind::Gzip => build_gzip(input, inbuf, head, opts, progress)?,
-        BlobKind::Tar => build_tar(input, inbuf, head, opts, progress)?,
+    let fine = table_span_size.map(|s| s.min(opts.span_size));
+    let (ztoc, table) = match detect(&inbuf[..head])? {
+        BlobKind::Gzip => build_gzip(input, inbuf, head, opts, fine, progress)?,
+        BlobKind::Tar => (build_tar(input, inbuf, head, opts, progress)?, None),
     };
     if ztoc.compressed_size < opts.min_layer_size {
         return Err(ZtocError::LayerTooSmall {
@@ -117,7 +135,30 @@ pub fn build(
         });
     }
     ztoc.validate()?;
-    Ok(ztoc)
+    let split = match (table, table_span_size) {
+        (Some(t), _) => {
+            t.0.validate()?;
+            Some(Split {
+                table: table::encode(&t.0)?,
+                windows: t.1,
+            })
+        }
+        (None, Some(_)) => Some(table::split(&ztoc)?),
+        (None, None) => None,
+    };
+    Ok((ztoc, split))
+}
+
+/// A table with finer spans than its zTOC (windows stored apart), and its windows blob.
+type FineTable = (Ztoc, Vec<u8>);
+
+/// The table's side of a gzip build: its own checkpoints, span digests and windows blob.
+struct FineSpans {
+    span_size: u64,
+    checkpoints: Vec<Checkpoint>,
+    digests: Vec<[u8; 32]>,
+    hasher: Sha256,
+    windows: Vec<u8>,
 }
 
 fn finish_digest(h: Sha256) -> [u8; 32] {
@@ -129,8 +170,9 @@ fn build_gzip(
     mut inbuf: Vec<u8>,
     head: usize,
     opts: &BuildOptions,
+    table_span_size: Option<u64>,
     progress: &mut dyn FnMut(u64),
-) -> Result<Ztoc> {
+) -> Result<(Ztoc, Option<FineTable>)> {
     let corrupt =
         |at: u64, m: &str| ZtocError::CorruptLayer(format!("{m} at compressed offset {at}"));
     let mut inf = Inflater::new(Format::Gzip);
@@ -148,6 +190,13 @@ fn build_gzip(
     let mut digests: Vec<[u8; 32]> = Vec::new();
     let mut checkpoints: Vec<Checkpoint> = Vec::new();
     let mut tar = TarScanner::new();
+    let mut fine = table_span_size.map(|span_size| FineSpans {
+        span_size,
+        checkpoints: Vec::new(),
+        digests: Vec::new(),
+        hasher: Sha256::new(),
+        windows: Vec::new(),
+    });
 
     loop {
         if start == end {
@@ -166,6 +215,9 @@ fn build_gzip(
                 in_member = true;
             } else if inbuf[start..end].iter().all(|&b| b == 0) {
                 hasher.update(&inbuf[start..end]);
+                if let Some(f) = &mut fine {
+                    f.hasher.update(&inbuf[start..end]);
+                }
                 total_in += (end - start) as u64;
                 start = end;
                 continue;
@@ -185,6 +237,9 @@ fn build_gzip(
             .map_err(|m| corrupt(total_in, &m))?;
         if step.consumed > 0 {
             hasher.update(&inbuf[start..start + step.consumed]);
+            if let Some(f) = &mut fine {
+                f.hasher.update(&inbuf[start..start + step.consumed]);
+            }
             last_byte = inbuf[start + step.consumed - 1];
             start += step.consumed;
             total_in += step.consumed as u64;
@@ -201,17 +256,35 @@ fn build_gzip(
         }
         let at_boundary = step.data_type & 128 != 0 && step.data_type & 64 == 0;
         let last_out = checkpoints.last().map(|c| c.output);
-        if at_boundary && last_out.is_none_or(|l| total_out - l > opts.span_size) {
-            let bits = (step.data_type & 7) as u8;
-            if !checkpoints.is_empty() {
-                digests.push(finish_digest(std::mem::take(&mut hasher)));
-            } else {
-                hasher = Sha256::new();
+        let bits = (step.data_type & 7) as u8;
+        let coarse = at_boundary && last_out.is_none_or(|l| total_out - l > opts.span_size);
+        if let Some(f) = &mut fine {
+            let last = f.checkpoints.last().map(|c| c.output);
+            if coarse || at_boundary && last.is_none_or(|l| total_out - l > f.span_size) {
+                start_span(
+                    &mut f.hasher,
+                    &mut f.digests,
+                    f.checkpoints.is_empty(),
+                    bits,
+                    last_byte,
+                );
+                let window = &out[fill - WINDOW_SIZE..fill];
+                f.checkpoints.push(Checkpoint {
+                    input: total_in,
+                    output: total_out,
+                    bits,
+                    window: Window::Remote(table::pack_window(window, &mut f.windows, coarse)?),
+                });
             }
-            if bits != 0 {
-                // Consecutive spans share the byte whose bits straddle the boundary.
-                hasher.update([last_byte]);
-            }
+        }
+        if coarse {
+            start_span(
+                &mut hasher,
+                &mut digests,
+                checkpoints.is_empty(),
+                bits,
+                last_byte,
+            );
             checkpoints.push(Checkpoint {
                 input: total_in,
                 output: total_out,
@@ -230,7 +303,7 @@ fn build_gzip(
     }
     digests.push(finish_digest(hasher));
     let (entries, tar_size) = tar.finish()?;
-    Ok(Ztoc {
+    let ztoc = Ztoc {
         version: ZTOC_VERSION.into(),
         build_tool: opts.build_tool.clone().into_bytes(),
         compressed_size: total_in,
@@ -239,7 +312,39 @@ fn build_gzip(
         span_size: opts.span_size,
         span_digests: digests,
         compression: Compression::Gzip { checkpoints },
-    })
+    };
+    let table = fine.map(|mut f| {
+        f.digests.push(finish_digest(f.hasher));
+        let t = Ztoc {
+            span_size: f.span_size,
+            span_digests: f.digests,
+            compression: Compression::Gzip {
+                checkpoints: f.checkpoints,
+            },
+            ..ztoc.clone()
+        };
+        (t, f.windows)
+    });
+    Ok((ztoc, table))
+}
+
+/// Ends the span being hashed (none before the first checkpoint) and starts the next one.
+fn start_span(
+    hasher: &mut Sha256,
+    digests: &mut Vec<[u8; 32]>,
+    first: bool,
+    bits: u8,
+    last_byte: u8,
+) {
+    if first {
+        *hasher = Sha256::new();
+    } else {
+        digests.push(finish_digest(std::mem::take(hasher)));
+    }
+    if bits != 0 {
+        // Consecutive spans share the byte whose bits straddle the boundary.
+        hasher.update([last_byte]);
+    }
 }
 
 fn build_tar(

@@ -224,6 +224,9 @@ pub struct WindowRef {
     pub offset: u64,
     pub len: u32,
     pub digest: [u8; 32],
+    /// Whether this checkpoint also starts a span of the zTOC the table was made with (a table
+    /// may have finer spans than its zTOC).
+    pub starts_ztoc_span: bool,
 }
 
 impl Window {

@@ -70,6 +70,22 @@ pub trait SpanSource: Send + Sync {
         )))
     }
 
+    /// [`Self::span_bytes`] for a read of file data that lies at `file` (uncompressed offsets):
+    /// a source that fetches over a network may fetch the file's neighbouring spans with it.
+    fn span_bytes_for(
+        &self,
+        ztoc: &Ztoc,
+        id: usize,
+        file: Option<&Range<u64>>,
+    ) -> Result<bytes::Bytes> {
+        let _ = file;
+        self.span_bytes(ztoc, id)
+    }
+
+    /// Span `id` was inflated whole into `data`: a source may keep its last 32 KiB, the window
+    /// of the next span's checkpoint, instead of fetching that window. Nothing by default.
+    fn inflated(&self, _ztoc: &Ztoc, _id: usize, _data: &[u8]) {}
+
     /// A hint that spans `ids` are likely read next (the rest of a file being read): a source
     /// that fetches over a network may start fetching them now. Nothing by default.
     fn read_ahead(&self, _ztoc: &Arc<Ztoc>, _ids: Range<usize>) {}
@@ -329,6 +345,14 @@ impl InflatedSpans {
     }
 }
 
+/// A read of one file's data.
+struct FileRead {
+    /// Where the file's data lies in the uncompressed stream.
+    data: Range<u64>,
+    /// Read where an earlier read of it ended (read-ahead is for these only).
+    sequential: bool,
+}
+
 /// Distinct keys for readers sharing one [`InflatedSpans`].
 static NEXT_READER_KEY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
@@ -418,16 +442,18 @@ impl<S: SpanSource> LayerReader<S> {
     /// next spans meanwhile. A read that continues where the previous one stopped resumes its
     /// inflate stream, so reading a span in pieces costs one inflate of the span, not one per
     /// piece.
-    fn inflate(&self, id: usize, skip: u64, out: &mut [u8], file_end: Option<u64>) -> Result<()> {
+    fn inflate(&self, id: usize, skip: u64, out: &mut [u8], file: Option<&FileRead>) -> Result<()> {
         let lock = || self.stream.lock().unwrap_or_else(|p| p.into_inner());
         let resumed = lock().take().filter(|s| s.can_reach(id, skip));
         let mut stream = match resumed {
             Some(stream) => stream,
             None => {
-                if let Some(end) = file_end {
-                    self.hint_ahead(id, end);
+                if let Some(f) = file.filter(|f| f.sequential) {
+                    self.hint_ahead(id, f.data.end);
                 }
-                let bytes = self.fetch_span(id)?;
+                let bytes = self
+                    .source
+                    .span_bytes_for(&self.ztoc, id, file.map(|f| &f.data))?;
                 let window = self.remote_window(id)?;
                 SpanInflater::start(&self.ztoc, id, bytes, window.as_deref())?
             }
@@ -435,6 +461,8 @@ impl<S: SpanSource> LayerReader<S> {
         stream.read(skip, out)?;
         if stream.produced < stream.len {
             *lock() = Some(stream);
+        } else if skip == 0 && out.len() as u64 == stream.len {
+            self.source.inflated(&self.ztoc, id, out);
         }
         Ok(())
     }
@@ -460,7 +488,7 @@ impl<S: SpanSource> LayerReader<S> {
         }
     }
 
-    fn cached_span(&self, id: usize, file_end: Option<u64>) -> Result<Option<Arc<[u8]>>> {
+    fn cached_span(&self, id: usize, file: Option<&FileRead>) -> Result<Option<Arc<[u8]>>> {
         let Some((cache, reader)) = &self.cache else {
             return Ok(None);
         };
@@ -476,7 +504,7 @@ impl<S: SpanSource> LayerReader<S> {
             return Ok(Some(hit));
         }
         let mut data = vec![0u8; (span.uncompressed.end - span.uncompressed.start) as usize];
-        self.inflate(id, 0, &mut data, file_end)?;
+        self.inflate(id, 0, &mut data, file)?;
         let data: Arc<[u8]> = data.into();
         cache.put((*reader, id), data.clone());
         Ok(Some(data))
@@ -488,8 +516,8 @@ impl<S: SpanSource> LayerReader<S> {
         self.read_within(offset, buf, None)
     }
 
-    /// [`Self::read_at`] for a file whose data ends at `file_end` (read-ahead stays inside it).
-    fn read_within(&self, offset: u64, buf: &mut [u8], file_end: Option<u64>) -> Result<usize> {
+    /// [`Self::read_at`] within a file's data (read-ahead and fetches stay inside it).
+    fn read_within(&self, offset: u64, buf: &mut [u8], file: Option<&FileRead>) -> Result<usize> {
         let size = self.ztoc.uncompressed_size;
         if offset >= size || buf.is_empty() {
             return Ok(0);
@@ -512,9 +540,9 @@ impl<S: SpanSource> LayerReader<S> {
                 return Err(ZtocError::Invalid(format!("no span covers offset {pos}")));
             }
             let out = &mut buf[done..done + n];
-            match self.cached_span(id, file_end)? {
+            match self.cached_span(id, file)? {
                 Some(data) => out.copy_from_slice(&data[skip as usize..skip as usize + n]),
-                None => self.inflate(id, skip, out, file_end)?,
+                None => self.inflate(id, skip, out, file)?,
             }
             done += n;
         }
@@ -557,8 +585,11 @@ impl<S: SpanSource> LayerReader<S> {
         // page faults of a mapped library and one-shot reads of small files would mostly fetch
         // spans nobody reads before the start is over.
         let sequential = self.read_ahead > 0 && self.continues(data_idx, offset, offset + n as u64);
-        let file_end = sequential.then_some(e.offset + e.size);
-        self.read_within(e.offset + offset, &mut buf[..n], file_end)
+        let file = FileRead {
+            data: e.offset..e.offset + e.size,
+            sequential,
+        };
+        self.read_within(e.offset + offset, &mut buf[..n], Some(&file))
     }
 
     /// Whether a read of entry `idx` at `offset` continues an earlier read of it (one of the

@@ -4,13 +4,22 @@
 //! window, raw-deflated, back to back; each fetched by range when its span is first read).
 //!
 //! Trust: the table is named by digest in the SOCI index, like the zTOC; it carries the sha256
-//! of every compressed window, so a window fetched alone is verified before it is used. The
-//! zTOC stays the authority for upstream tools; a table holds the same entries, span digests
-//! and checkpoints (in, out, bits) as the zTOC it was made from.
+//! of every compressed window and of every span, so a window or span fetched alone is verified
+//! before it is used. The zTOC stays the authority for upstream tools; a table holds the same
+//! entries as the zTOC it was made with, and its checkpoints include the zTOC's.
+//!
+//! A table may have **more checkpoints than its zTOC** (`convert --table-span-size`, default
+//! [`TABLE_SPAN_SIZE`]): a start then fetches smaller spans, and the upstream-form zTOC does
+//! not grow with them (its windows are inline; the table's are fetched only when needed, and a
+//! span's window is derived from the span before it when that one is at hand). Each checkpoint
+//! says whether it also starts a span of the zTOC, so that SOCI prefetch artifacts, which name
+//! zTOC spans, map onto the table's ([`ztoc_span_starts`]).
 //!
 //! Table checkpoints layout (little-endian, in the zTOC's `checkpoints` field):
-//! `"SSTBLWR1"`, `i32 count`, `i64 span_size`, then per checkpoint
-//! `i64 in, i64 out, u8 bits, u64 window offset, u32 window length, [32] window sha256`.
+//! `"SSTBLWR2"`, `i32 count`, `i64 span_size`, then per checkpoint
+//! `i64 in, i64 out, u8 bits, u64 window offset, u32 window length, [32] window sha256,
+//! u8 flags` (bit 0: the checkpoint starts a zTOC span). Version 1 (`"SSTBLWR1"`, no flags byte,
+//! every checkpoint a zTOC one) is still read.
 
 use std::io::{Read, Write};
 
@@ -21,9 +30,13 @@ use super::{Checkpoint, Compression, Window, WindowRef, Ztoc, ZtocError, WINDOW_
 
 type Result<T> = std::result::Result<T, ZtocError>;
 
-const MAGIC: &[u8; 8] = b"SSTBLWR1";
+const MAGIC_V1: &[u8; 8] = b"SSTBLWR1";
+const MAGIC: &[u8; 8] = b"SSTBLWR2";
 const HEADER_LEN: usize = 8 + 4 + 8;
-const RECORD_LEN: usize = 8 + 8 + 1 + 8 + 4 + 32;
+const RECORD_LEN_V1: usize = 8 + 8 + 1 + 8 + 4 + 32;
+const RECORD_LEN: usize = RECORD_LEN_V1 + 1;
+/// `convert`'s default span size for tables: a quarter of the zTOC's (see the module docs).
+pub const TABLE_SPAN_SIZE: u64 = 128 << 10;
 /// Largest compressed window accepted (deflate never grows 32 KiB by more than a few bytes).
 pub const MAX_WINDOW_BYTES: usize = WINDOW_SIZE + 1024;
 /// Largest uncompressed table accepted: bounds what a hostile table costs to load.
@@ -41,11 +54,60 @@ fn malformed(m: impl Into<String>) -> ZtocError {
     ZtocError::Malformed(format!("zTOC table: {}", m.into()))
 }
 
-/// Splits a zTOC whose windows are inline (as built or decoded).
+/// Deflates `window` onto the end of `windows` and returns its reference.
+pub fn pack_window(
+    window: &[u8],
+    windows: &mut Vec<u8>,
+    starts_ztoc_span: bool,
+) -> Result<WindowRef> {
+    let mut enc = flate2::write::DeflateEncoder::new(
+        Vec::with_capacity(WINDOW_SIZE / 2),
+        flate2::Compression::default(),
+    );
+    enc.write_all(window)?;
+    let packed = enc.finish()?;
+    let r = WindowRef {
+        offset: windows.len() as u64,
+        len: packed.len() as u32,
+        digest: Sha256::digest(&packed).into(),
+        starts_ztoc_span,
+    };
+    windows.extend_from_slice(&packed);
+    Ok(r)
+}
+
+/// Splits a zTOC whose windows are inline (as built or decoded): a table with the zTOC's own
+/// spans.
 pub fn split(z: &Ztoc) -> Result<Split> {
     let mut windows = Vec::new();
-    let blob = match &z.compression {
-        Compression::Uncompressed { .. } => None,
+    let mut t = z.clone();
+    match &mut t.compression {
+        Compression::Uncompressed { .. } => {}
+        Compression::ZstdChunked { .. } => {
+            return Err(ZtocError::Invalid(
+                "a zstd:chunked layer's file table has no table form".into(),
+            ))
+        }
+        Compression::Gzip { checkpoints } => {
+            for c in checkpoints {
+                let w = c
+                    .window
+                    .inline()
+                    .ok_or_else(|| ZtocError::Invalid("windows are already stored apart".into()))?;
+                c.window = Window::Remote(pack_window(w, &mut windows, true)?);
+            }
+        }
+    }
+    Ok(Split {
+        table: encode(&t)?,
+        windows,
+    })
+}
+
+/// Encodes a table: a zTOC whose windows are references (gzip layers) or a plain tar zTOC.
+pub fn encode(z: &Ztoc) -> Result<Vec<u8>> {
+    let raw = match &z.compression {
+        Compression::Uncompressed { .. } => super::format::encode(z)?,
         Compression::ZstdChunked { .. } => {
             return Err(ZtocError::Invalid(
                 "a zstd:chunked layer's file table has no table form".into(),
@@ -57,37 +119,43 @@ pub fn split(z: &Ztoc) -> Result<Split> {
             blob.extend_from_slice(&(checkpoints.len() as i32).to_le_bytes());
             blob.extend_from_slice(&(z.span_size as i64).to_le_bytes());
             for c in checkpoints {
-                let w = c
-                    .window
-                    .inline()
-                    .ok_or_else(|| ZtocError::Invalid("windows are already stored apart".into()))?;
-                let mut enc = flate2::write::DeflateEncoder::new(
-                    Vec::with_capacity(WINDOW_SIZE / 2),
-                    flate2::Compression::default(),
-                );
-                enc.write_all(w)?;
-                let packed = enc.finish()?;
+                let Window::Remote(r) = &c.window else {
+                    return Err(ZtocError::Invalid(
+                        "a table's windows must be stored apart".into(),
+                    ));
+                };
                 blob.extend_from_slice(&(c.input as i64).to_le_bytes());
                 blob.extend_from_slice(&(c.output as i64).to_le_bytes());
                 blob.push(c.bits);
-                blob.extend_from_slice(&(windows.len() as u64).to_le_bytes());
-                blob.extend_from_slice(&(packed.len() as u32).to_le_bytes());
-                blob.extend_from_slice(&Sha256::digest(&packed));
-                windows.extend_from_slice(&packed);
+                blob.extend_from_slice(&r.offset.to_le_bytes());
+                blob.extend_from_slice(&r.len.to_le_bytes());
+                blob.extend_from_slice(&r.digest);
+                blob.push(u8::from(r.starts_ztoc_span));
             }
-            Some(blob)
+            encode_with(z, &blob)
         }
-    };
-    let raw = match blob {
-        Some(b) => encode_with(z, &b),
-        None => super::format::encode(z)?,
     };
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     gz.write_all(&raw)?;
-    Ok(Split {
-        table: gz.finish()?,
-        windows,
-    })
+    Ok(gz.finish()?)
+}
+
+/// For each span of the zTOC a table was made with, the first of the table's spans that hold
+/// it (tables may split zTOC spans further; see the module docs). Plain tar tables and version
+/// 1 tables have the zTOC's spans.
+pub fn ztoc_span_starts(t: &Ztoc) -> Vec<usize> {
+    match &t.compression {
+        Compression::Gzip { checkpoints } => checkpoints
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| match &c.window {
+                Window::Remote(r) => r.starts_ztoc_span,
+                Window::Inline(_) => true,
+            })
+            .map(|(i, _)| i)
+            .collect(),
+        _ => (0..t.span_count()).collect(),
+    }
 }
 
 /// Loads a table (the gzip-compressed blob): a validated zTOC whose windows are references.
@@ -106,13 +174,18 @@ pub fn decode_table(table: &[u8]) -> Result<Ztoc> {
 }
 
 fn decode_refs(blob: &[u8]) -> Result<(u64, Vec<Checkpoint>)> {
-    if blob.len() < HEADER_LEN || &blob[..8] != MAGIC {
+    let record_len = match blob.get(..8) {
+        Some(m) if m == MAGIC => RECORD_LEN,
+        Some(m) if m == MAGIC_V1 => RECORD_LEN_V1,
+        _ => return Err(malformed("no window references")),
+    };
+    if blob.len() < HEADER_LEN {
         return Err(malformed("no window references"));
     }
     let count = i32::from_le_bytes(blob[8..12].try_into().expect("4 bytes"));
     let span_size = i64::from_le_bytes(blob[12..20].try_into().expect("8 bytes"));
     let body = &blob[HEADER_LEN..];
-    if count < 1 || body.len() != count as usize * RECORD_LEN {
+    if count < 1 || body.len() != count as usize * record_len {
         return Err(malformed(format!(
             "{} bytes of window references for {count} checkpoints",
             body.len()
@@ -122,7 +195,7 @@ fn decode_refs(blob: &[u8]) -> Result<(u64, Vec<Checkpoint>)> {
         u64::try_from(span_size).map_err(|_| malformed(format!("span size {span_size}")))?;
     let i64_at = |r: &[u8], at: usize| i64::from_le_bytes(r[at..at + 8].try_into().expect("8"));
     let mut out = Vec::with_capacity(count as usize);
-    for (i, r) in body.chunks_exact(RECORD_LEN).enumerate() {
+    for (i, r) in body.chunks_exact(record_len).enumerate() {
         let (input, output) = (i64_at(r, 0), i64_at(r, 8));
         let offset = u64::from_le_bytes(r[17..25].try_into().expect("8 bytes"));
         let len = u32::from_le_bytes(r[25..29].try_into().expect("4 bytes"));
@@ -137,6 +210,7 @@ fn decode_refs(blob: &[u8]) -> Result<(u64, Vec<Checkpoint>)> {
                 offset,
                 len,
                 digest: r[29..61].try_into().expect("32 bytes"),
+                starts_ztoc_span: record_len == RECORD_LEN_V1 || r[61] & 1 != 0,
             }),
         });
     }
