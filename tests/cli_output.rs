@@ -202,4 +202,13 @@ fn convert_refuses_a_span_size_it_could_not_read_back() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("--span-size 1073741824"), "{stderr}");
+    let out = soci_store()
+        .arg("--config")
+        .arg(&config)
+        .args(["convert", "--table-span-size", "0", &layout, &layout])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("--table-span-size 0"), "{stderr}");
 }

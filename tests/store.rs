@@ -1017,8 +1017,8 @@ async fn a_file_read_fetches_its_next_spans_ahead() {
     };
     let mut spans: Vec<usize> = demand.iter().chain(&ahead).flat_map(ids).collect();
     let fetched = spans.len();
-    // 12 MiB of random bytes: dozens of table spans.
-    assert!(fetched >= 24, "{events:?}");
+    // 12 MiB of random bytes: with 512 KiB table spans, at least 12 spans of the base layer.
+    assert!(fetched >= 12, "{events:?}");
     assert!(demand.len() <= 5, "the reader waited for {demand:?}");
     assert!(ahead.iter().any(|w| w.contains('-')), "{ahead:?}");
     // One window per run at most: the others are derived from the spans before them.

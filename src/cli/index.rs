@@ -40,8 +40,9 @@ pub struct BuildArgs {
     #[arg(long)]
     no_ztoc_table: bool,
     /// Uncompressed bytes per span of the zTOC tables the store reads (at most --span-size):
-    /// smaller spans fetch less for a start; the zTOC itself keeps --span-size.
-    #[arg(long, default_value = "128KiB", value_parser = parse_size, conflicts_with = "no_ztoc_table")]
+    /// smaller spans (e.g. 128KiB) fetch less for a start but take more requests; the zTOC
+    /// itself keeps --span-size.
+    #[arg(long, default_value = "512KiB", value_parser = parse_size, conflicts_with = "no_ztoc_table")]
     table_span_size: u64,
     /// No progress or summary; errors only.
     #[arg(long, conflicts_with = "json")]

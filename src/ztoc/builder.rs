@@ -123,7 +123,8 @@ pub fn build_with_table(
     if head == 0 {
         return Err(ZtocError::InvalidTar("empty layer".into()));
     }
-    let fine = table_span_size.map(|s| s.min(opts.span_size));
+    // A table with the zTOC's own spans is the zTOC split after the build (one hash per byte).
+    let fine = table_span_size.filter(|&s| s < opts.span_size);
     let (ztoc, table) = match detect(&inbuf[..head])? {
         BlobKind::Gzip => build_gzip(input, inbuf, head, opts, fine, progress)?,
         BlobKind::Tar => (build_tar(input, inbuf, head, opts, progress)?, None),

@@ -8,8 +8,8 @@
 //! before it is used. The zTOC stays the authority for upstream tools; a table holds the same
 //! entries as the zTOC it was made with, and its checkpoints include the zTOC's.
 //!
-//! A table may have **more checkpoints than its zTOC** (`convert --table-span-size`, default
-//! [`TABLE_SPAN_SIZE`]): a start then fetches smaller spans, and the upstream-form zTOC does
+//! A table may have **more checkpoints than its zTOC** (`convert --table-span-size`; by default
+//! [`TABLE_SPAN_SIZE`], the zTOC's): a start then fetches smaller spans, and the upstream-form zTOC does
 //! not grow with them (its windows are inline; the table's are fetched only when needed, and a
 //! span's window is derived from the span before it when that one is at hand). Each checkpoint
 //! says whether it also starts a span of the zTOC, so that SOCI prefetch artifacts, which name
@@ -35,8 +35,9 @@ const MAGIC: &[u8; 8] = b"SSTBLWR2";
 const HEADER_LEN: usize = 8 + 4 + 8;
 const RECORD_LEN_V1: usize = 8 + 8 + 1 + 8 + 4 + 32;
 const RECORD_LEN: usize = RECORD_LEN_V1 + 1;
-/// `convert`'s default span size for tables: a quarter of the zTOC's (see the module docs).
-pub const TABLE_SPAN_SIZE: u64 = 128 << 10;
+/// `convert`'s default span size for tables: the zTOC's. Finer tables (128 KiB) fetch ~13% less
+/// for a start but take ~50% more requests, which made starts slower in docs/benchmarks.md.
+pub const TABLE_SPAN_SIZE: u64 = super::DEFAULT_SPAN_SIZE;
 /// Largest compressed window accepted (deflate never grows 32 KiB by more than a few bytes).
 pub const MAX_WINDOW_BYTES: usize = WINDOW_SIZE + 1024;
 /// Largest uncompressed table accepted: bounds what a hostile table costs to load.
