@@ -12,7 +12,6 @@ use tokio::sync::OnceCell;
 
 use crate::cache::{SpanCache, SpanKey};
 use crate::fetch::{BlobLocator, FetchError, FetcherChain};
-use crate::report::Chain;
 use crate::ztoc::reader::verify_span;
 use crate::ztoc::Ztoc;
 
@@ -320,47 +319,6 @@ impl SpanStore {
         let mut results = futures::future::join_all(flights).await;
         let at = ids.iter().position(|&i| i == want).unwrap_or(0);
         results.swap_remove(at)
-    }
-
-    /// Read-ahead: fetches spans `ids` of `blob` (in order), each run of consecutive ones with
-    /// one request, each span verified before it is cached, and, when the zTOC stores windows
-    /// apart (`windows`), the window of each run's first span that `at_hand` says is missing
-    /// (the others are derived from the spans before them when read). A reader reaching one of
-    /// them joins its fetch. Errors are only counted and logged: a reader that needs one of
-    /// these spans fetches it itself.
-    pub async fn fetch_ahead(
-        &self,
-        blob: &BlobLocator,
-        windows: Option<&BlobLocator>,
-        ztoc: &Ztoc,
-        ids: &[usize],
-        window_at_hand: impl Fn(usize) -> bool,
-    ) {
-        let mut runs: Vec<Vec<usize>> = Vec::new();
-        for &id in ids {
-            match runs.last_mut() {
-                Some(run) if run.last() == Some(&(id.wrapping_sub(1))) => run.push(id),
-                _ => runs.push(vec![id]),
-            }
-        }
-        let fetches = runs.iter().map(|run| {
-            let first = run[0];
-            let window = windows.filter(|_| !window_at_hand(first));
-            async move {
-                let spans = self.span_run(blob, ztoc, run, first, Purpose::Ahead);
-                let window = async {
-                    match window {
-                        Some(w) => self.window(w, ztoc, first, Purpose::Ahead).await.map(drop),
-                        None => Ok(()),
-                    }
-                };
-                let (s, w) = futures::join!(spans, window);
-                if let Err(e) = s.and(w) {
-                    tracing::debug!(%blob, span = first, "read-ahead: {}", Chain(&*e));
-                }
-            }
-        });
-        futures::future::join_all(fetches).await;
     }
 
     async fn fetch_window(

@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 use super::{now_ms, Purpose, SpanStore};
 use crate::cache::SpanKey;
 use crate::fetch::{BlobLocator, FetchError};
+use crate::report::Chain;
 use crate::ztoc::reader::SpanSource;
 use crate::ztoc::{Ztoc, ZtocError, WINDOW_SIZE};
 
@@ -182,6 +183,32 @@ impl RemoteLayer {
         run
     }
 
+    /// Read-ahead: fetches spans `ids` (in order), each run of consecutive ones with one
+    /// request, and the window of each run's first span unless it is at hand (the others are
+    /// derived from the spans before them when read). A reader reaching one of them joins its
+    /// fetch. Errors are only logged: a reader that needs one of these spans fetches it itself.
+    async fn fetch_ahead(&self, ztoc: &Ztoc, ids: &[usize]) {
+        let mut runs: Vec<Vec<usize>> = Vec::new();
+        for &id in ids {
+            match runs.last_mut() {
+                Some(run) if run.last() == Some(&(id.wrapping_sub(1))) => run.push(id),
+                _ => runs.push(vec![id]),
+            }
+        }
+        let fetches = runs.iter().map(|run| async move {
+            let first = run[0];
+            let (s, w) = futures::join!(
+                self.store
+                    .span_run(&self.blob, ztoc, run, first, Purpose::Ahead),
+                self.fetch_window_unless_at_hand(ztoc, first, Purpose::Ahead)
+            );
+            if let Err(e) = s.and(w) {
+                tracing::debug!(blob = %self.blob, span = first, "read-ahead: {}", Chain(&*e));
+            }
+        });
+        futures::future::join_all(fetches).await;
+    }
+
     /// The window of span `id` when it is stored apart and not at hand, fetched for `purpose`.
     pub async fn fetch_window_unless_at_hand(
         &self,
@@ -312,17 +339,8 @@ impl SpanSource for RemoteLayer {
         }
         let this = self.clone();
         let ztoc = ztoc.clone();
-        self.runtime.spawn(async move {
-            let windows = this
-                .windows
-                .as_ref()
-                .filter(|_| this.needs_window(&ztoc, missing[0]).is_some());
-            this.store
-                .fetch_ahead(&this.blob, windows, &ztoc, &missing, |i| {
-                    this.window_at_hand(i)
-                })
-                .await;
-        });
+        self.runtime
+            .spawn(async move { this.fetch_ahead(&ztoc, &missing).await });
     }
 
     fn window(&self, ztoc: &Ztoc, id: usize) -> Result<Bytes, ZtocError> {
